@@ -1,0 +1,88 @@
+// Pieces shared by the batch-norm generators: how a layout maps onto buffer
+// dimensions, the normalization itself, and the CPU schedule of the
+// elementwise pass.
+#pragma once
+
+#include "Halide.h"
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace hbn_generators {
+
+using namespace Halide;
+
+enum class Layout { NCHW, NHWC };
+
+inline const std::map<std::string, Layout> layout_names = {
+    {"nchw", Layout::NCHW},
+    {"nhwc", Layout::NHWC},
+};
+
+// The runtime views every tensor as
+//   NCHW: (inner, c, n), inner = product of the spatial sizes, dense;
+//   NHWC: (c, m),        m = every non-channel position, c dense.
+// so one pipeline serves every rank. The two layouts vectorize along
+// different axes, which is why they are separate compilations.
+struct DataVars {
+    std::vector<Var> args;  // in buffer-dimension order
+    Var c{"c"};
+    Var inner{"inner"}, n{"n"}, m{"m"};
+
+    explicit DataVars(Layout layout) {
+        if (layout == Layout::NCHW) {
+            args = {inner, c, n};
+        } else {
+            args = {c, m};
+        }
+    }
+};
+
+inline int data_dimensions(Layout layout) {
+    return layout == Layout::NCHW ? 3 : 2;
+}
+
+// Number of values per channel (M) and of elements, in 64-bit so large
+// tensors cannot overflow.
+template<typename InputBuffer>
+Expr values_per_channel(const InputBuffer &input, Layout layout) {
+    return layout == Layout::NCHW
+               ? cast<int64_t>(input.dim(0).extent()) * input.dim(2).extent()
+               : cast<int64_t>(input.dim(1).extent());
+}
+
+template<typename InputBuffer>
+Expr channel_extent(const InputBuffer &input, Layout layout) {
+    return input.dim(layout == Layout::NCHW ? 1 : 0).extent();
+}
+
+// y = (x - mean) * scale + bias, computed in float32 whatever the storage
+// type. Subtracting the mean first (rather than folding it into the bias)
+// makes a constant channel give exactly bias.
+inline Expr normalized(const Expr &x, const Expr &mean, const Expr &scale, const Expr &bias) {
+    return (cast<float>(x) - mean) * scale + bias;
+}
+
+// Below this many elements a call runs serially: waking the thread pool
+// costs more than the work.
+constexpr int serial_threshold = 16 * 1024;
+
+// CPU schedule of the elementwise pass writing `output`: vectorized along
+// the dense axis, parallel over blocks of rows unless the tensor is tiny.
+inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout,
+                                   const Expr &total_elements, const Target &target) {
+    const int vector_size = target.natural_vector_size<float>();
+    Var rows{"rows"}, row_block{"row_block"};
+    if (layout == Layout::NCHW) {
+        output.fuse(v.c, v.n, rows)
+            .vectorize(v.inner, vector_size, TailStrategy::GuardWithIf)
+            .split(rows, row_block, rows, 8, TailStrategy::GuardWithIf);
+    } else {
+        output.vectorize(v.c, vector_size, TailStrategy::GuardWithIf)
+            .split(v.m, row_block, rows, 64, TailStrategy::GuardWithIf);
+    }
+    output.specialize(total_elements >= serial_threshold).parallel(row_block);
+}
+
+}  // namespace hbn_generators

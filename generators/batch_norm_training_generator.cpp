@@ -1,0 +1,135 @@
+// Training: normalize with the batch statistics, and emit them.
+//   mean, var = per-channel batch mean and biased variance
+//   y = (x - mean) * (weight / sqrt(var + eps)) + bias
+// The running-statistics update is left to the caller, which commits it only
+// once the whole pipeline has succeeded.
+#include "batch_norm_common.h"
+
+namespace {
+
+using namespace Halide;
+using namespace hbn_generators;
+
+class BatchNormTraining : public Generator<BatchNormTraining> {
+public:
+    GeneratorParam<Type> data_type{"data_type", Float(32)};
+    GeneratorParam<Layout> layout{"layout", Layout::NCHW, layout_names};
+
+    Input<Buffer<>> input{"input"};
+    Input<Buffer<float, 1>> weight{"weight"};
+    Input<Buffer<float, 1>> bias{"bias"};
+    Input<float> eps{"eps"};
+    Output<Buffer<>> output{"output"};
+    Output<Buffer<float, 1>> batch_mean{"batch_mean"};
+    Output<Buffer<float, 1>> batch_var{"batch_var"};  // biased
+    Output<Buffer<float, 1>> batch_inv_std{"batch_inv_std"};
+
+    void configure() {
+        input.set_type(data_type);
+        input.set_dimensions(data_dimensions(layout));
+        output.set_type(data_type);
+        output.set_dimensions(data_dimensions(layout));
+    }
+
+    void generate() {
+        const DataVars v(layout);
+        const Var c = v.c;
+
+        // Algorithm
+        // Every value of channel c, and one of them to shift by.
+        const bool nchw = layout == Layout::NCHW;
+        RDom r = nchw ? RDom(0, input.dim(0).extent(), 0, input.dim(2).extent())
+                      : RDom(0, input.dim(1).extent());
+        const Expr value = nchw ? input(r.x, c, r.y) : input(c, r.x);
+        Func shift{"shift"};
+        shift(c) = cast<double>(nchw ? input(0, c, 0) : input(c, 0));
+
+        // Shifted sums accumulated in double: sum(d) and sum(d^2) with
+        // d = x - shift. Double keeps E[d^2] - E[d]^2 exact to ~1e-9 even for
+        // mean/std ratios of 1e4 and more than 2^24 values, in one read of x.
+        Func sums{"sums"};
+        sums(c) = Tuple(cast<double>(0), cast<double>(0));
+        const Expr d = cast<double>(value) - shift(c);
+        sums(c) = Tuple(sums(c)[0] + d, sums(c)[1] + d * d);
+
+        const Expr count = cast<double>(values_per_channel(input, layout));
+        const Expr mean_offset = sums(c)[0] / count;
+        const Expr shifted_var = sums(c)[1] / count - mean_offset * mean_offset;
+        Func var{"var"};
+        // Rounding can leave a constant channel's variance a hair below zero;
+        // select (not max) keeps a NaN channel NaN.
+        var(c) = select(shifted_var < 0, cast<double>(0), shifted_var);
+
+        batch_mean(c) = cast<float>(shift(c) + mean_offset);
+        batch_var(c) = cast<float>(var(c));
+        batch_inv_std(c) = cast<float>(1 / sqrt(var(c) + cast<double>(eps)));
+
+        Func scale{"scale"};
+        scale(c) = weight(c) * batch_inv_std(c);
+        output(v.args) = cast(data_type,
+                              normalized(input(v.args), batch_mean(c), scale(c), bias(c)));
+
+        // Estimates: the mid-size benchmark tensor, 32x64x56x56.
+        const int channels = 64, spatial = 56 * 56, batch = 32;
+        for (auto *param : {&weight, &bias}) {
+            param->set_estimates({{0, channels}});
+        }
+        for (auto *stat : {&batch_mean, &batch_var, &batch_inv_std}) {
+            stat->set_estimates({{0, channels}});
+        }
+        eps.set_estimate(1e-5f);
+        if (nchw) {
+            input.set_estimates({{0, spatial}, {0, channels}, {0, batch}});
+            output.set_estimates({{0, spatial}, {0, channels}, {0, batch}});
+        } else {
+            input.set_estimates({{0, channels}, {0, spatial * batch}});
+            output.set_estimates({{0, channels}, {0, spatial * batch}});
+        }
+
+        // Schedule
+        if (auto_schedule) {
+            return;
+        }
+        const Expr total_elements = values_per_channel(input, layout) * channel_extent(input, layout);
+        const Expr large = total_elements >= serial_threshold;
+        const int vector_size = get_target().natural_vector_size<float>();
+
+        sums.compute_root();
+        if (nchw) {
+            // Vector lanes along the dense inner axis, channels in parallel.
+            RVar inner_outer, inner_lane;
+            Var lane{"lane"};
+            Func lane_sums = sums.update()
+                                 .split(r.x, inner_outer, inner_lane, vector_size, TailStrategy::GuardWithIf)
+                                 .rfactor(inner_lane, lane);
+            lane_sums.compute_at(sums, c).vectorize(lane);
+            lane_sums.update().vectorize(lane);
+            sums.update().specialize(large).parallel(c);
+        } else {
+            // Vector lanes along the dense channels, blocks of rows in parallel.
+            RVar block, row;
+            Var row_block{"row_block"};
+            Func block_sums = sums.update()
+                                  .split(r.x, block, row, 256, TailStrategy::GuardWithIf)
+                                  .rfactor(block, row_block);
+            block_sums.compute_root()
+                .vectorize(c, vector_size, TailStrategy::GuardWithIf);
+            block_sums.update()
+                .reorder(c, row, row_block)
+                .vectorize(c, vector_size, TailStrategy::GuardWithIf)
+                .specialize(large)
+                .parallel(row_block);
+            sums.update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
+        }
+        for (Func stat : {Func(batch_mean), Func(batch_var), Func(batch_inv_std)}) {
+            stat.compute_root();
+        }
+        var.compute_root();
+        scale.compute_root();
+        schedule_normalize_cpu(output, v, layout, total_elements, get_target());
+    }
+};
+
+}  // namespace
+
+HALIDE_REGISTER_GENERATOR(BatchNormTraining, batch_norm_training)

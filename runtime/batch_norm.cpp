@@ -1,0 +1,414 @@
+// The dispatch wrapper: validate, view the tensor as the pipeline's buffers,
+// pick the generated function, turn Halide errors into hbn::Error, and commit
+// the running-statistics update only after the pipeline succeeded.
+#include "hbn/batch_norm.h"
+
+#include "HalideRuntime.h"
+#include "hbn_batch_norm_inference_float16_nchw.h"
+#include "hbn_batch_norm_inference_float16_nhwc.h"
+#include "hbn_batch_norm_inference_float32_nchw.h"
+#include "hbn_batch_norm_inference_float32_nhwc.h"
+#include "hbn_batch_norm_training_float16_nchw.h"
+#include "hbn_batch_norm_training_float16_nhwc.h"
+#include "hbn_batch_norm_training_float32_nchw.h"
+#include "hbn_batch_norm_training_float32_nhwc.h"
+
+#include <array>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <sstream>
+
+namespace hbn {
+
+Error::Error(ErrorKind kind, std::string message) : kind_(kind), message_(std::move(message)) {}
+
+namespace {
+
+using float16 = _Float16;
+
+const char *dtype_name(DType dtype) {
+    return dtype == DType::Float16 ? "Float16" : "Float32";
+}
+
+std::string shape_string(const std::vector<int64_t> &shape) {
+    std::ostringstream out;
+    out << '[';
+    for (size_t i = 0; i < shape.size(); i++) {
+        out << (i ? ", " : "") << shape[i];
+    }
+    out << ']';
+    return out.str();
+}
+
+[[noreturn]] void fail(ErrorKind kind, const std::string &message) {
+    throw Error(kind, "hbn::batch_norm: " + message);
+}
+
+// ---------------------------------------------------------------------------
+// Validation: everything is checked before any work, so a bad call changes
+// nothing.
+
+bool valid_dtype(DType dtype) {
+    return dtype == DType::Float16 || dtype == DType::Float32;
+}
+
+int64_t element_count(const Tensor &t) {
+    int64_t count = 1;
+    for (int64_t extent : t.shape) {
+        count *= extent;
+    }
+    return count;
+}
+
+void check_dims_and_data(const Tensor &t, const char *name) {
+    for (int64_t extent : t.shape) {
+        if (extent < 0) {
+            fail(ErrorKind::ValueError, std::string(name) + " has a negative dimension: shape " +
+                                            shape_string(t.shape));
+        }
+    }
+    if (t.data == nullptr && element_count(t) != 0) {
+        fail(ErrorKind::ValueError, std::string(name) + ".data is null but its shape " +
+                                        shape_string(t.shape) + " is not empty");
+    }
+}
+
+void check_channel_vector(const Tensor &t, const char *name, int64_t channels) {
+    if (t.shape.size() != 1 || t.shape[0] != channels) {
+        fail(ErrorKind::ValueError, std::string(name) + " must have shape [" +
+                                        std::to_string(channels) + "] (C of input_x), got " +
+                                        shape_string(t.shape));
+    }
+    check_dims_and_data(t, name);
+}
+
+// The pipeline's view of input_x: NCHW as (inner, c, n), NHWC as (c, m).
+struct DataView {
+    bool nchw;
+    int64_t inner, channels, outer;  // NHWC: inner == 1, outer == m
+    int64_t values_per_channel() const { return inner * outer; }
+};
+
+DataView view_of(const Tensor &x, Layout layout) {
+    const auto &s = x.shape;
+    const size_t rank = s.size();
+    DataView v{};
+    if (layout == Layout::NCHW) {
+        v.outer = s[0];
+        v.channels = s[1];
+        v.inner = 1;
+        for (size_t i = 2; i < rank; i++) {
+            v.inner *= s[i];
+        }
+    } else {
+        v.channels = s[rank - 1];
+        v.inner = 1;
+        v.outer = 1;
+        for (size_t i = 0; i + 1 < rank; i++) {
+            v.outer *= s[i];
+        }
+    }
+    // With no spatial extent, channels are the dense axis: (N, C) is NHWC.
+    v.nchw = layout == Layout::NCHW && v.inner > 1;
+    if (!v.nchw) {
+        v.outer *= v.inner;
+        v.inner = 1;
+    }
+    constexpr int64_t int32_max = std::numeric_limits<int32_t>::max();
+    const int64_t largest_stride = v.nchw ? v.inner * v.channels : v.channels;
+    if (v.inner > int32_max || v.outer > int32_max || largest_stride > int32_max) {
+        fail(ErrorKind::ValueError, "input_x shape " + shape_string(s) +
+                                        " needs an extent or stride beyond 2^31 - 1 elements");
+    }
+    return v;
+}
+
+struct CheckedCall {
+    DataView view;
+};
+
+CheckedCall validate(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
+                     const Tensor &weight, const Tensor &bias, const Tensor &output,
+                     const BatchNormOptions &options, bool training) {
+    // NaN fails both comparisons, as it must.
+    if (!(options.eps > 0 && options.eps <= 1)) {
+        fail(ErrorKind::ValueError, "options.eps must be in (0, 1], got " + std::to_string(options.eps));
+    }
+    if (!(options.momentum >= 0 && options.momentum <= 1)) {
+        fail(ErrorKind::ValueError,
+             "options.momentum must be in [0, 1], got " + std::to_string(options.momentum));
+    }
+    if (options.layout != Layout::NCHW && options.layout != Layout::NHWC) {
+        fail(ErrorKind::ValueError, "options.layout is not NCHW or NHWC");
+    }
+    if (options.device == Device::OpenCL || options.device == Device::CUDA) {
+        fail(ErrorKind::RuntimeError,
+             std::string("options.device: the ") +
+                 (options.device == Device::OpenCL ? "OpenCL" : "CUDA") +
+                 " backend is not built into this hbn; use Device::CPU or Device::Auto");
+    }
+    if (options.device != Device::Auto && options.device != Device::CPU) {
+        fail(ErrorKind::ValueError, "options.device is not a known Device");
+    }
+
+    if (!valid_dtype(x.dtype)) {
+        fail(ErrorKind::TypeError, "input_x dtype must be Float16 or Float32");
+    }
+    if (!valid_dtype(output.dtype)) {
+        fail(ErrorKind::TypeError, "output dtype must be Float16 or Float32");
+    }
+    if (output.dtype != x.dtype) {
+        fail(ErrorKind::TypeError, std::string("output dtype ") + dtype_name(output.dtype) +
+                                       " differs from input_x dtype " + dtype_name(x.dtype));
+    }
+    const std::array<std::pair<const Tensor *, const char *>, 4> params = {{
+        {&running_mean, "running_mean"},
+        {&running_var, "running_var"},
+        {&weight, "weight"},
+        {&bias, "bias"},
+    }};
+    for (const auto &[param, name] : params) {
+        if (!valid_dtype(param->dtype)) {
+            fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float16 or Float32");
+        }
+        if (param->dtype != running_mean.dtype) {
+            fail(ErrorKind::TypeError, std::string(name) + " dtype " + dtype_name(param->dtype) +
+                                           " differs from running_mean dtype " +
+                                           dtype_name(running_mean.dtype));
+        }
+    }
+
+    if (x.shape.size() < 2) {
+        fail(ErrorKind::ValueError,
+             "input_x must have rank >= 2, got shape " + shape_string(x.shape));
+    }
+    check_dims_and_data(x, "input_x");
+    if (output.shape != x.shape) {
+        fail(ErrorKind::ValueError, "output shape " + shape_string(output.shape) +
+                                        " differs from input_x shape " + shape_string(x.shape));
+    }
+    check_dims_and_data(output, "output");
+    const DataView view = view_of(x, options.layout);
+    for (const auto &[param, name] : params) {
+        check_channel_vector(*param, name, view.channels);
+    }
+    if (training && view.values_per_channel() < 2) {
+        fail(ErrorKind::ValueError,
+             "training needs more than one value per channel to form a variance, but input_x shape " +
+                 shape_string(x.shape) + " has " + std::to_string(view.values_per_channel()));
+    }
+    return {view};
+}
+
+void check_saved_statistic(const Tensor &t, const char *name, int64_t channels) {
+    if (t.dtype != DType::Float32) {
+        fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float32");
+    }
+    check_channel_vector(t, name, channels);
+}
+
+// ---------------------------------------------------------------------------
+// Halide buffers over the caller's memory.
+
+halide_type_t halide_type_of(DType dtype) {
+    return {halide_type_float, static_cast<uint8_t>(dtype == DType::Float16 ? 16 : 32), 1};
+}
+
+struct HalideBuffer {
+    halide_buffer_t buffer{};
+    std::array<halide_dimension_t, 3> dims{};
+
+    HalideBuffer(void *data, DType dtype, const DataView &v) {
+        buffer.host = static_cast<uint8_t *>(data);
+        buffer.type = halide_type_of(dtype);
+        const auto c = static_cast<int32_t>(v.channels);
+        if (v.nchw) {
+            const auto inner = static_cast<int32_t>(v.inner);
+            dims[0] = {0, inner, 1, 0};
+            dims[1] = {0, c, inner, 0};
+            dims[2] = {0, static_cast<int32_t>(v.outer), inner * c, 0};
+            buffer.dimensions = 3;
+        } else {
+            dims[0] = {0, c, 1, 0};
+            dims[1] = {0, static_cast<int32_t>(v.outer), c, 0};
+            buffer.dimensions = 2;
+        }
+    }
+
+    HalideBuffer(float *data, int64_t channels) {
+        buffer.host = reinterpret_cast<uint8_t *>(data);
+        buffer.type = halide_type_of(DType::Float32);
+        dims[0] = {0, static_cast<int32_t>(channels), 1, 0};
+        buffer.dimensions = 1;
+    }
+
+    HalideBuffer() = default;
+
+    // The dimension array lives inside this object, so point at it here
+    // rather than at construction: copies stay valid.
+    halide_buffer_t *get() {
+        buffer.dim = dims.data();
+        return &buffer;
+    }
+};
+
+// A per-channel parameter as float32: the caller's memory when it already is,
+// a converted copy when it is float16.
+class ChannelFloats {
+public:
+    ChannelFloats(const Tensor &t, int64_t channels) {
+        if (t.dtype == DType::Float32) {
+            data_ = static_cast<float *>(t.data);
+        } else {
+            const auto *half = static_cast<const float16 *>(t.data);
+            copy_.assign(half, half + channels);
+            data_ = copy_.data();
+        }
+        buffer_ = HalideBuffer(data_, channels);
+    }
+    float operator[](int64_t c) const { return data_[c]; }
+    halide_buffer_t *buffer() { return buffer_.get(); }
+
+private:
+    std::vector<float> copy_;
+    float *data_ = nullptr;
+    HalideBuffer buffer_;
+};
+
+// ---------------------------------------------------------------------------
+// Halide errors: the runtime reports through one process-wide handler; the
+// user_context of each call says whose error it is.
+
+struct CallContext {
+    std::string halide_message;
+};
+
+void halide_error_to_context(void *user_context, const char *message) {
+    if (user_context != nullptr) {
+        static_cast<CallContext *>(user_context)->halide_message += message;
+    }
+}
+
+void install_error_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] { halide_set_error_handler(halide_error_to_context); });
+}
+
+void check_status(int status, const CallContext &context, const char *pipeline) {
+    if (status != 0) {
+        std::string message = context.halide_message;
+        while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) {
+            message.pop_back();
+        }
+        fail(ErrorKind::RuntimeError, std::string(pipeline) + " failed (Halide error " +
+                                          std::to_string(status) + "): " + message);
+    }
+}
+
+// Generated functions, indexed by [dtype][nchw].
+using InferenceFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                            halide_buffer_t *, halide_buffer_t *, float, halide_buffer_t *);
+using TrainingFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                           float, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                           halide_buffer_t *);
+
+constexpr InferenceFn inference_fns[2][2] = {
+    {hbn_batch_norm_inference_float16_nhwc, hbn_batch_norm_inference_float16_nchw},
+    {hbn_batch_norm_inference_float32_nhwc, hbn_batch_norm_inference_float32_nchw},
+};
+constexpr TrainingFn training_fns[2][2] = {
+    {hbn_batch_norm_training_float16_nhwc, hbn_batch_norm_training_float16_nchw},
+    {hbn_batch_norm_training_float32_nhwc, hbn_batch_norm_training_float32_nchw},
+};
+
+int dtype_index(DType dtype) {
+    return dtype == DType::Float32 ? 1 : 0;
+}
+
+template<typename T>
+void store_channel(void *data, int64_t c, double value) {
+    static_cast<T *>(data)[c] = static_cast<T>(value);
+}
+
+void store_channel(const Tensor &t, int64_t c, double value) {
+    if (t.dtype == DType::Float32) {
+        store_channel<float>(t.data, c, value);
+    } else {
+        store_channel<float16>(t.data, c, value);
+    }
+}
+
+void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
+         const Tensor &weight, const Tensor &bias, const Tensor &output,
+         const Tensor *saved_mean, const Tensor *saved_inv_std,
+         const BatchNormOptions &options, bool training) {
+    const DataView view =
+        validate(x, running_mean, running_var, weight, bias, output, options, training).view;
+    if (saved_mean != nullptr) {
+        check_saved_statistic(*saved_mean, "saved_mean", view.channels);
+        check_saved_statistic(*saved_inv_std, "saved_inv_std", view.channels);
+    }
+    const int64_t channels = view.channels;
+    if (channels == 0 || view.values_per_channel() == 0) {
+        return;  // nothing to normalize, nothing to learn
+    }
+    install_error_handler();
+
+    HalideBuffer input_buffer(x.data, x.dtype, view);
+    HalideBuffer output_buffer(output.data, output.dtype, view);
+    ChannelFloats weight_f32(weight, channels), bias_f32(bias, channels);
+    const auto eps = static_cast<float>(options.eps);
+    const int type = dtype_index(x.dtype);
+    CallContext context;
+
+    if (!training) {
+        ChannelFloats mean_f32(running_mean, channels), var_f32(running_var, channels);
+        const int status = inference_fns[type][view.nchw](
+            &context, input_buffer.get(), mean_f32.buffer(), var_f32.buffer(), weight_f32.buffer(),
+            bias_f32.buffer(), eps, output_buffer.get());
+        check_status(status, context, "inference pipeline");
+        return;
+    }
+
+    // Batch statistics land in scratch (or the caller's saved_* tensors) and
+    // reach the running statistics only once the pipeline has succeeded.
+    std::vector<float> scratch(static_cast<size_t>(channels) * 3);
+    float *mean = saved_mean ? static_cast<float *>(saved_mean->data) : scratch.data();
+    float *inv_std = saved_inv_std ? static_cast<float *>(saved_inv_std->data) : scratch.data() + channels;
+    float *var = scratch.data() + 2 * channels;
+    HalideBuffer mean_buffer(mean, channels), var_buffer(var, channels),
+        inv_std_buffer(inv_std, channels);
+    const int status = training_fns[type][view.nchw](
+        &context, input_buffer.get(), weight_f32.buffer(), bias_f32.buffer(), eps,
+        output_buffer.get(), mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
+    check_status(status, context, "training pipeline");
+
+    const ChannelFloats old_mean(running_mean, channels), old_var(running_var, channels);
+    const double momentum = options.momentum;
+    const auto count = static_cast<double>(view.values_per_channel());
+    const double unbias = count / (count - 1);
+    for (int64_t c = 0; c < channels; c++) {
+        store_channel(running_mean, c, (1 - momentum) * old_mean[c] + momentum * mean[c]);
+        store_channel(running_var, c, (1 - momentum) * old_var[c] + momentum * var[c] * unbias);
+    }
+}
+
+}  // namespace
+
+void batch_norm(const Tensor &input_x, const Tensor &running_mean, const Tensor &running_var,
+                const Tensor &weight, const Tensor &bias, const Tensor &output,
+                const BatchNormOptions &options) {
+    run(input_x, running_mean, running_var, weight, bias, output, nullptr, nullptr, options,
+        options.training);
+}
+
+void batch_norm_training(const Tensor &input_x, const Tensor &running_mean,
+                         const Tensor &running_var, const Tensor &weight, const Tensor &bias,
+                         const Tensor &output, const Tensor &saved_mean,
+                         const Tensor &saved_inv_std, const BatchNormOptions &options) {
+    run(input_x, running_mean, running_var, weight, bias, output, &saved_mean, &saved_inv_std,
+        options, true);
+}
+
+}  // namespace hbn
