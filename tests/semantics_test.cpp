@@ -1,0 +1,219 @@
+// MindSpore ops.batch_norm semantics: the documented examples, every rank,
+// layout and dtype combination against the double reference, and the edge
+// cases of shared/semantics.md.
+#include "test_util.h"
+#include "x86_variant.h"
+
+#include <limits>
+#include <tuple>
+
+namespace hbn_test {
+namespace {
+
+using hbn::DType;
+using hbn::Layout;
+
+// input_x = [[1, 2], [3, 4]], running_mean = [0.5, 1.5], running_var = [0.1, 0.2],
+// weight = [2, 2], bias = [-1, -1], momentum = 0.1, eps = 1e-5.
+BatchNormCase documented_example(bool training) {
+    BatchNormCase t({2, 2}, Layout::NCHW, DType::Float32, DType::Float32, training);
+    t.x = HostTensor(DType::Float32, {2, 2}, {1, 2, 3, 4});
+    t.running_mean = HostTensor(DType::Float32, {2}, {0.5, 1.5});
+    t.running_var = HostTensor(DType::Float32, {2}, {0.1, 0.2});
+    t.weight = HostTensor(DType::Float32, {2}, {2, 2});
+    t.bias = HostTensor(DType::Float32, {2}, {-1, -1});
+    return t;
+}
+
+TEST(Semantics, DocumentedInferenceExample) {
+    BatchNormCase t = documented_example(false);
+    const std::vector<double> mean_before = t.running_mean.values(), var_before = t.running_var.values();
+    t.run();
+    // MindSpore's documented output.
+    expect_close(t.output.values(), {2.1621194, 1.2360122, 14.810596, 10.180061}, 1e-6, "output");
+    expect_close(t.running_mean.values(), mean_before, 0, "running_mean is read only");
+    expect_close(t.running_var.values(), var_before, 0, "running_var is read only");
+}
+
+TEST(Semantics, DocumentedTrainingExample) {
+    BatchNormCase t = documented_example(true);
+    t.run();
+    const double y = 2 / std::sqrt(1.00001);  // 2 * (+-1) / sqrt(1 + eps)
+    expect_close(t.output.values(), {-y - 1, -y - 1, y - 1, y - 1}, 1e-6, "output");
+    expect_close(t.running_mean.values(), {0.65, 1.65}, 1e-7, "running_mean");
+    expect_close(t.running_var.values(), {0.29, 0.38}, 1e-7, "running_var");
+}
+
+// Every rank, layout, input dtype, parameter dtype and mode against the
+// reference. Sizes avoid multiples of the vector widths on purpose.
+using MatrixParam = std::tuple<std::vector<int64_t>, Layout, DType, DType, bool>;
+
+class ReferenceMatrix : public ::testing::TestWithParam<MatrixParam> {};
+
+TEST_P(ReferenceMatrix, MatchesDoubleReference) {
+    const auto &[shape, layout, x_dtype, param_dtype, training] = GetParam();
+    BatchNormCase t(shape, layout, x_dtype, param_dtype, training, 7);
+    const ReferenceResult expected = t.reference();
+    t.run();
+    expect_close(t.output.values(), expected.output, output_tolerance(x_dtype), "output");
+    expect_close(t.running_mean.values(), expected.running_mean, parameter_tolerance(param_dtype),
+                 "running_mean");
+    expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(param_dtype),
+                 "running_var");
+}
+
+std::string matrix_name(const ::testing::TestParamInfo<MatrixParam> &info) {
+    const auto &[shape, layout, x_dtype, param_dtype, training] = info.param;
+    return shape_name(shape) + (layout == Layout::NCHW ? "_nchw" : "_nhwc") +
+           (x_dtype == DType::Float32 ? "_x32" : "_x16") + (param_dtype == DType::Float32 ? "_p32" : "_p16") +
+           (training ? "_training" : "_inference");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Semantics, ReferenceMatrix,
+    ::testing::Combine(::testing::Values(std::vector<int64_t>{2, 2}, std::vector<int64_t>{5, 19},
+                                         std::vector<int64_t>{3, 5, 17}, std::vector<int64_t>{2, 3, 7, 9},
+                                         std::vector<int64_t>{2, 37, 6, 5}, std::vector<int64_t>{4, 33, 21, 23},
+                                         std::vector<int64_t>{2, 3, 3, 4, 5}),
+                       ::testing::Values(Layout::NCHW, Layout::NHWC),
+                       ::testing::Values(DType::Float32, DType::Float16),
+                       ::testing::Values(DType::Float32, DType::Float16), ::testing::Bool()),
+    matrix_name);
+
+TEST(Semantics, TrainingEntryPointReturnsMeanAndInverseStd) {
+    for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+        BatchNormCase t({3, 13, 5, 7}, layout, DType::Float32, DType::Float32, true, 3);
+        const ReferenceResult expected = t.reference();
+        const auto channels = static_cast<int64_t>(expected.batch_mean.size());
+        HostTensor saved_mean(DType::Float32, {channels}, std::vector<double>(channels, 0));
+        HostTensor saved_inv_std(DType::Float32, {channels}, std::vector<double>(channels, 0));
+        t.options.training = false;  // the entry point trains regardless
+        hbn::batch_norm_training(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
+                                 t.bias.view(), t.output.view(), saved_mean.view(), saved_inv_std.view(),
+                                 t.options);
+        expect_close(saved_mean.values(), expected.batch_mean, 1e-6, "saved_mean");
+        expect_close(saved_inv_std.values(), expected.inv_std, 1e-6, "saved_inv_std");
+        expect_close(t.output.values(), expected.output, output_tolerance(DType::Float32), "output");
+        expect_close(t.running_var.values(), expected.running_var, 2e-6, "running_var");
+    }
+}
+
+TEST(Semantics, OutputMayAliasInput) {
+    for (bool training : {false, true}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            BatchNormCase t({4, 11, 9, 10}, layout, DType::Float32, DType::Float32, training, 5);
+            const ReferenceResult expected = t.reference();
+            t.output = t.x;  // placeholder of the right shape; the call below writes into x
+            hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
+                            t.bias.view(), t.x.view(), t.options);
+            expect_close(t.x.values(), expected.output, output_tolerance(DType::Float32), "in-place output");
+            expect_close(t.running_var.values(), expected.running_var, 2e-6, "running_var");
+        }
+    }
+}
+
+TEST(Semantics, MomentumZeroKeepsAndOneReplacesRunningStatistics) {
+    for (double momentum : {0.0, 1.0}) {
+        BatchNormCase t({6, 5, 8}, Layout::NCHW, DType::Float32, DType::Float32, true, 11);
+        t.options.momentum = momentum;
+        const std::vector<double> old_mean = t.running_mean.values(), old_var = t.running_var.values();
+        const ReferenceResult expected = t.reference();
+        t.run();
+        if (momentum == 0) {
+            expect_close(t.running_mean.values(), old_mean, 0, "running_mean, momentum 0");
+            expect_close(t.running_var.values(), old_var, 0, "running_var, momentum 0");
+        } else {
+            const double m = 6 * 8;
+            std::vector<double> unbiased;
+            for (double v : expected.batch_var) {
+                unbiased.push_back(v * m / (m - 1));
+            }
+            expect_close(t.running_mean.values(), expected.batch_mean, 2e-6, "running_mean, momentum 1");
+            expect_close(t.running_var.values(), unbiased, 2e-6, "running_var, momentum 1");
+        }
+        expect_close(t.output.values(), expected.output, output_tolerance(DType::Float32), "output");
+    }
+}
+
+TEST(Semantics, ConstantChannelNormalizesToExactlyBias) {
+    for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+        for (DType dtype : {DType::Float32, DType::Float16}) {
+            BatchNormCase t({4, 3, 5, 6}, layout, dtype, DType::Float32, true, 13);
+            const Geometry g(t.shape, layout);
+            for (int64_t k = 0; k < g.values_per_channel; k++) {
+                t.x.set(g.offset(1, k), 3.140625);  // exactly representable in float16
+            }
+            const double old_var = t.running_var.get(1);
+            t.run();
+            const double bias = t.bias.get(1);
+            const float16 bias_f16 = static_cast<float16>(bias);
+            const double expected = dtype == DType::Float32 ? static_cast<float>(bias) : double(bias_f16);
+            for (int64_t k = 0; k < g.values_per_channel; k++) {
+                ASSERT_EQ(t.output.get(g.offset(1, k)), expected) << "value " << k;
+            }
+            // Batch variance 0: the running variance only decays.
+            EXPECT_NEAR(t.running_var.get(1), 0.9 * old_var, 1e-6 * old_var);
+        }
+    }
+}
+
+TEST(Semantics, NaNStaysInItsChannel) {
+    for (bool training : {false, true}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            BatchNormCase t({3, 6, 5, 5}, layout, DType::Float32, DType::Float32, training, 17);
+            const Geometry g(t.shape, layout);
+            t.x.set(g.offset(2, 7), std::numeric_limits<double>::quiet_NaN());
+            const ReferenceResult expected = t.reference();
+            t.run();
+            const std::vector<double> y = t.output.values();
+            for (int64_t c = 0; c < g.channels; c++) {
+                for (int64_t k = 0; k < g.values_per_channel; k++) {
+                    const bool nan_expected = training ? c == 2 : (c == 2 && k == 7);
+                    ASSERT_EQ(std::isnan(y[g.offset(c, k)]), nan_expected) << "channel " << c << " value " << k;
+                }
+            }
+            expect_close(y, expected.output, output_tolerance(DType::Float32), "output");
+            expect_close(t.running_mean.values(), expected.running_mean, 2e-6, "running_mean");
+        }
+    }
+}
+
+TEST(Semantics, InferenceWithOneValuePerChannel) {
+    BatchNormCase t({1, 7}, Layout::NCHW, DType::Float32, DType::Float32, false, 19);
+    const ReferenceResult expected = t.reference();
+    t.run();
+    expect_close(t.output.values(), expected.output, output_tolerance(DType::Float32), "output");
+}
+
+TEST(Semantics, EmptyBatchIsANoOp) {
+    for (bool training : {false, true}) {
+        BatchNormCase t({0, 4, 3}, Layout::NCHW, DType::Float32, DType::Float32, training);
+        const std::vector<double> old_mean = t.running_mean.values();
+        if (training) {
+            EXPECT_THROW(t.run(), hbn::Error);  // no variance from zero values
+        } else {
+            t.run();
+        }
+        expect_close(t.running_mean.values(), old_mean, 0, "running_mean");
+    }
+}
+
+// The generated wrapper consulted the forced variant's hook, so the kernels
+// that ran are the forced ones.
+TEST(Variant, ForcedVariantIsTheOneDispatched) {
+    BatchNormCase t({2, 3, 4, 5}, Layout::NCHW, DType::Float32, DType::Float32, false);
+    t.run();
+    const VariantRecord &record = x86_variant_record();
+    if (record.forced.empty()) {
+        GTEST_SKIP() << "HBN_TEST_X86_VARIANT is not set: the CPU's best variant runs";
+    }
+    EXPECT_GT(record.queries, 0) << "the multi-target wrapper never asked which variant to use";
+    if (record.forced == "avx512") {
+        EXPECT_EQ(record.rejections, 0);
+    } else {
+        EXPECT_GT(record.rejections, 0) << "a better variant than " << record.forced << " was not refused";
+    }
+}
+
+}  // namespace
+}  // namespace hbn_test

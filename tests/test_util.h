@@ -1,0 +1,162 @@
+// Test fixtures: host tensors in either dtype, a batch-norm case that runs
+// hbn and the double reference on the same (dtype-rounded) inputs, and
+// comparisons that report the first few mismatches.
+#pragma once
+
+#include "reference.h"
+
+#include <gtest/gtest.h>
+#include <hbn/batch_norm.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace hbn_test {
+
+using float16 = _Float16;
+
+class HostTensor {
+public:
+    HostTensor() = default;
+    HostTensor(hbn::DType dtype, std::vector<int64_t> shape, const std::vector<double> &values)
+        : dtype_(dtype), shape_(std::move(shape)), bytes_(values.size() * element_size()) {
+        for (size_t i = 0; i < values.size(); i++) {
+            set(i, values[i]);
+        }
+    }
+
+    size_t size() const { return bytes_.size() / element_size(); }
+    double get(size_t i) const {
+        if (dtype_ == hbn::DType::Float32) {
+            float v;
+            std::memcpy(&v, &bytes_[i * 4], 4);
+            return v;
+        }
+        float16 v;
+        std::memcpy(&v, &bytes_[i * 2], 2);
+        return static_cast<double>(v);
+    }
+    void set(size_t i, double value) {
+        if (dtype_ == hbn::DType::Float32) {
+            const auto v = static_cast<float>(value);
+            std::memcpy(&bytes_[i * 4], &v, 4);
+        } else {
+            const auto v = static_cast<float16>(value);
+            std::memcpy(&bytes_[i * 2], &v, 2);
+        }
+    }
+    std::vector<double> values() const {
+        std::vector<double> out(size());
+        for (size_t i = 0; i < out.size(); i++) {
+            out[i] = get(i);
+        }
+        return out;
+    }
+    // Changes the dtype tag only (to build an invalid tensor).
+    void relabel(hbn::DType dtype) { dtype_ = dtype; }
+    hbn::Tensor view() { return {bytes_.empty() ? nullptr : bytes_.data(), dtype_, shape_}; }
+    const std::vector<unsigned char> &bytes() const { return bytes_; }
+
+private:
+    size_t element_size() const { return dtype_ == hbn::DType::Float32 ? 4 : 2; }
+
+    hbn::DType dtype_ = hbn::DType::Float32;
+    std::vector<int64_t> shape_;
+    std::vector<unsigned char> bytes_;
+};
+
+inline std::vector<double> random_values(size_t count, double mean, double spread, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<double> dist(mean, spread);
+    std::vector<double> v(count);
+    for (auto &x : v) {
+        x = dist(rng);
+    }
+    return v;
+}
+
+inline std::string shape_name(const std::vector<int64_t> &shape) {
+    std::string s;
+    for (int64_t e : shape) {
+        s += (s.empty() ? "" : "x") + std::to_string(e);
+    }
+    return s;
+}
+
+struct BatchNormCase {
+    std::vector<int64_t> shape;
+    hbn::Layout layout = hbn::Layout::NCHW;
+    hbn::BatchNormOptions options;
+    HostTensor x, output, running_mean, running_var, weight, bias;
+
+    // Random inputs: x ~ N(mean, spread) per element; positive running_var.
+    BatchNormCase(std::vector<int64_t> shape_, hbn::Layout layout_, hbn::DType x_dtype,
+                  hbn::DType param_dtype, bool training, uint32_t seed = 1, double mean = 0.5,
+                  double spread = 2.0)
+        : shape(std::move(shape_)), layout(layout_) {
+        options.training = training;
+        options.layout = layout;
+        const Geometry g(shape, layout);
+        const size_t total = static_cast<size_t>(g.channels * g.values_per_channel);
+        const auto channels = static_cast<size_t>(g.channels);
+        x = HostTensor(x_dtype, shape, random_values(total, mean, spread, seed));
+        output = HostTensor(x_dtype, shape, std::vector<double>(total, 0.0));
+        running_mean = HostTensor(param_dtype, {g.channels}, random_values(channels, 0, 1, seed + 1));
+        auto var = random_values(channels, 0, 1, seed + 2);
+        for (auto &v : var) {
+            v = 0.1 + v * v;
+        }
+        running_var = HostTensor(param_dtype, {g.channels}, var);
+        weight = HostTensor(param_dtype, {g.channels}, random_values(channels, 1, 0.5, seed + 3));
+        bias = HostTensor(param_dtype, {g.channels}, random_values(channels, 0, 0.5, seed + 4));
+    }
+
+    // The reference on the inputs as they are now (call before run()).
+    ReferenceResult reference() const {
+        return reference_batch_norm(x.values(), shape, layout, running_mean.values(), running_var.values(),
+                                    weight.values(), bias.values(), options.training, options.momentum,
+                                    options.eps);
+    }
+
+    void run() {
+        hbn::batch_norm(x.view(), running_mean.view(), running_var.view(), weight.view(), bias.view(),
+                        output.view(), options);
+    }
+};
+
+// |actual - expected| <= tolerance * (1 + |expected|), NaN only where expected.
+inline void expect_close(const std::vector<double> &actual, const std::vector<double> &expected,
+                         double tolerance, const std::string &what) {
+    ASSERT_EQ(actual.size(), expected.size()) << what;
+    int reported = 0;
+    size_t mismatches = 0;
+    for (size_t i = 0; i < actual.size(); i++) {
+        const bool ok = std::isnan(expected[i])
+                            ? std::isnan(actual[i])
+                            : std::abs(actual[i] - expected[i]) <= tolerance * (1 + std::abs(expected[i]));
+        if (!ok) {
+            mismatches++;
+            if (reported++ < 5) {
+                ADD_FAILURE() << what << "[" << i << "] = " << actual[i] << ", expected " << expected[i]
+                              << " (tolerance " << tolerance << ")";
+            }
+        }
+    }
+    EXPECT_EQ(mismatches, 0u) << what << ": " << mismatches << " of " << actual.size() << " differ";
+}
+
+// Output tolerance: float32 rounding of the inputs' arithmetic, or one
+// float16 rounding of the result.
+inline double output_tolerance(hbn::DType dtype) {
+    return dtype == hbn::DType::Float32 ? 2e-6 : 1e-3;
+}
+
+// Running statistics are stored in the parameter dtype.
+inline double parameter_tolerance(hbn::DType dtype) {
+    return dtype == hbn::DType::Float32 ? 2e-6 : 1e-3;
+}
+
+}  // namespace hbn_test
