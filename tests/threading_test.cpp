@@ -1,6 +1,10 @@
 // Concurrent calls from many threads on distinct data.
 #include "test_util.h"
 
+#include "HalideRuntime.h"
+
+#include <atomic>
+
 #include <thread>
 
 namespace hbn_test {
@@ -53,6 +57,34 @@ TEST(Threading, ConcurrentCallsOnDistinctDataAreCorrect) {
         expect_close(cases[i].running_var.values(), expected[i].running_var, 2e-6,
                      "thread " + std::to_string(i) + " running_var");
     }
+}
+
+std::atomic<int> parallel_loops{0};
+
+int counting_do_par_for(void *user_context, halide_task_t task, int min, int size, uint8_t *closure) {
+    parallel_loops++;
+    return halide_default_do_par_for(user_context, task, min, size, closure);
+}
+
+// Per-call latency of tiny tensors: they must not wake the thread pool, while
+// large ones must use it.
+TEST(Threading, TinyTensorsRunWithoutTheThreadPool) {
+    const halide_do_par_for_t previous = halide_set_custom_do_par_for(counting_do_par_for);
+    for (bool training : {false, true}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            parallel_loops = 0;
+            BatchNormCase tiny({2, 2}, layout, DType::Float32, DType::Float32, training);
+            tiny.run();
+            BatchNormCase small({2, 8, 16, 16}, layout, DType::Float16, DType::Float32, training);
+            small.run();
+            EXPECT_EQ(parallel_loops.load(), 0) << (training ? "training " : "inference ")
+                                                << (layout == Layout::NCHW ? "NCHW" : "NHWC");
+            BatchNormCase large({8, 32, 32, 32}, layout, DType::Float32, DType::Float32, training);
+            large.run();
+            EXPECT_GT(parallel_loops.load(), 0) << "a large tensor ran serially";
+        }
+    }
+    halide_set_custom_do_par_for(previous);
 }
 
 }  // namespace

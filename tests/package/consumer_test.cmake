@@ -1,0 +1,64 @@
+# Installs hbn, moves the install elsewhere (it must be relocatable), then
+# builds and runs the README's consumer project, pasted verbatim from the
+# README blocks that follow "<!-- consumer: FILE -->" markers.
+#   cmake -DHBN_BUILD_DIR=... -DREADME=... -DWORK_DIR=... -P consumer_test.cmake
+cmake_minimum_required(VERSION 3.22)
+
+foreach (var HBN_BUILD_DIR README WORK_DIR)
+    if (NOT DEFINED ${var})
+        message(FATAL_ERROR "${var} is not set")
+    endif ()
+endforeach ()
+
+function(run)
+    execute_process(COMMAND ${ARGN} RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE out)
+    if (NOT status EQUAL 0)
+        message(FATAL_ERROR "failed: ${ARGN}\n${out}")
+    endif ()
+    set(run_output "${out}" PARENT_SCOPE)
+endfunction()
+
+file(REMOVE_RECURSE "${WORK_DIR}")
+run(${CMAKE_COMMAND} --install "${HBN_BUILD_DIR}" --prefix "${WORK_DIR}/staging")
+file(RENAME "${WORK_DIR}/staging" "${WORK_DIR}/prefix")
+
+# The README's blocks, as a user would paste them. (Walked with string(FIND)
+# rather than regex lists: the C++ code holds semicolons.)
+file(READ "${README}" readme)
+set(sources "")
+set(marker "<!-- consumer: ")
+string(FIND "${readme}" "${marker}" at)
+while (NOT at EQUAL -1)
+    string(LENGTH "${marker}" marker_length)
+    math(EXPR at "${at} + ${marker_length}")
+    string(SUBSTRING "${readme}" ${at} -1 readme)
+    string(FIND "${readme}" " -->" name_end)
+    string(SUBSTRING "${readme}" 0 ${name_end} name)
+    string(FIND "${readme}" "```" fence)             # opening fence
+    string(SUBSTRING "${readme}" ${fence} -1 readme)
+    string(FIND "${readme}" "\n" line_end)
+    math(EXPR line_end "${line_end} + 1")
+    string(SUBSTRING "${readme}" ${line_end} -1 readme)
+    string(FIND "${readme}" "```" fence)             # closing fence
+    string(SUBSTRING "${readme}" 0 ${fence} body)
+    file(WRITE "${WORK_DIR}/consumer/${name}" "${body}")
+    list(APPEND sources ${name})
+    string(FIND "${readme}" "${marker}" at)
+endwhile ()
+if (NOT "CMakeLists.txt" IN_LIST sources OR NOT "main.cpp" IN_LIST sources)
+    message(FATAL_ERROR "README lacks the consumer CMakeLists.txt and main.cpp blocks (found: ${sources})")
+endif ()
+
+run(${CMAKE_COMMAND} -S "${WORK_DIR}/consumer" -B "${WORK_DIR}/consumer-build" -G Ninja
+    -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix")
+run(${CMAKE_COMMAND} --build "${WORK_DIR}/consumer-build")
+run("${WORK_DIR}/consumer-build/app")
+message(STATUS "consumer printed:\n${run_output}")
+
+# The README example prints the documented inference output.
+foreach (expected "2.16212" "1.23601" "14.8106" "10.1801")
+    string(FIND "${run_output}" "${expected}" at)
+    if (at EQUAL -1)
+        message(FATAL_ERROR "consumer output lacks ${expected}:\n${run_output}")
+    endif ()
+endforeach ()
