@@ -55,19 +55,20 @@ public:
         const Expr count = cast<double>(values_per_channel(input, layout));
         const Expr mean_offset = sums(c)[0] / count;
         const Expr shifted_var = sums(c)[1] / count - mean_offset * mean_offset;
-        Func var{"var"};
         // Rounding can leave a constant channel's variance a hair below zero;
         // select (not max) keeps a NaN channel NaN.
-        var(c) = select(shifted_var < 0, cast<double>(0), shifted_var);
-
-        batch_mean(c) = cast<float>(shift(c) + mean_offset);
-        batch_var(c) = cast<float>(var(c));
-        batch_inv_std(c) = cast<float>(1 / sqrt(var(c) + cast<double>(eps)));
+        const Expr var = select(shifted_var < 0, cast<double>(0), shifted_var);
+        Func statistics{"statistics"};  // mean, biased variance, 1 / std
+        statistics(c) = Tuple(cast<float>(shift(c) + mean_offset), cast<float>(var),
+                              cast<float>(1 / sqrt(var + cast<double>(eps))));
+        batch_mean(c) = statistics(c)[0];
+        batch_var(c) = statistics(c)[1];
+        batch_inv_std(c) = statistics(c)[2];
 
         Func scale{"scale"};
-        scale(c) = weight(c) * batch_inv_std(c);
+        scale(c) = weight(c) * statistics(c)[2];
         output(v.args) = cast(data_type,
-                              normalized(input(v.args), batch_mean(c), scale(c), bias(c)));
+                              normalized(input(v.args), statistics(c)[0], scale(c), bias(c)));
 
         // Estimates: the mid-size benchmark tensor, 32x64x56x56.
         const int channels = 64, spatial = 56 * 56, batch = 32;
@@ -94,9 +95,20 @@ public:
         const Expr large = total_elements >= serial_threshold;
         const int vector_size = get_target().natural_vector_size<float>();
 
-        sums.compute_root();
         if (nchw) {
-            // Vector lanes along the dense inner axis, channels in parallel.
+            // Channel by channel: a channel's slab (N * inner values) is read
+            // once for its statistics and again, from cache, to normalize.
+            output.reorder(v.inner, v.n, v.c)
+                .vectorize(v.inner, vector_size, TailStrategy::GuardWithIf)
+                .parallel(v.c);
+            output.specialize(!large).serial(v.c);
+            for (Func stat : {Func(batch_mean), Func(batch_var), Func(batch_inv_std)}) {
+                stat.parallel(c).compute_with(output, v.c);
+            }
+            for (Func per_channel : {statistics, sums, scale}) {
+                per_channel.compute_at(output, v.c);
+            }
+            // Vector lanes along the dense inner axis.
             RVar inner_outer, inner_lane;
             Var lane{"lane"};
             Func lane_sums = sums.update()
@@ -104,9 +116,9 @@ public:
                                  .rfactor(inner_lane, lane);
             lane_sums.compute_at(sums, c).vectorize(lane);
             lane_sums.update().vectorize(lane);
-            sums.update().specialize(large).parallel(c);
         } else {
-            // Vector lanes along the dense channels, blocks of rows in parallel.
+            // Channels are the dense axis: all statistics first, in parallel
+            // over blocks of rows, then the elementwise pass.
             RVar block, row;
             Var row_block{"row_block"};
             Func block_sums = sums.update()
@@ -119,14 +131,11 @@ public:
                 .vectorize(c, vector_size, TailStrategy::GuardWithIf)
                 .specialize(large)
                 .parallel(row_block);
-            sums.update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
+            sums.compute_root().update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
+            statistics.compute_root();
+            scale.compute_root();
+            schedule_normalize_cpu(output, v, layout, total_elements, get_target());
         }
-        for (Func stat : {Func(batch_mean), Func(batch_var), Func(batch_inv_std)}) {
-            stat.compute_root();
-        }
-        var.compute_root();
-        scale.compute_root();
-        schedule_normalize_cpu(output, v, layout, total_elements, get_target());
     }
 };
 

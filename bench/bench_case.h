@@ -1,0 +1,89 @@
+// What every implementation in the benchmark shares: the case, its buffers,
+// and the interface of one implementation prepared for one case.
+#pragma once
+
+#include <hbn/batch_norm.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace bench {
+
+constexpr double kMomentum = 0.1;
+constexpr double kEps = 1e-5;
+
+enum class Mode { Inference, Training };
+
+struct Case {
+    Mode mode;
+    hbn::DType dtype;
+    hbn::Layout layout;
+    std::string size;           // tiny | mid | large
+    std::vector<int64_t> dims;  // logical: N, C, spatial... (NCHW order)
+
+    int64_t channels() const { return dims[1]; }
+    int64_t elements() const {
+        int64_t n = 1;
+        for (int64_t d : dims) n *= d;
+        return n;
+    }
+    int64_t element_bytes() const { return dtype == hbn::DType::Float16 ? 2 : 4; }
+    int64_t tensor_bytes() const { return elements() * element_bytes(); }
+
+    // The dense shape in memory order: (N, C, H, W) or (N, H, W, C).
+    std::vector<int64_t> shape() const {
+        if (layout == hbn::Layout::NCHW) return dims;
+        std::vector<int64_t> s = {dims[0]};
+        s.insert(s.end(), dims.begin() + 2, dims.end());
+        s.push_back(dims[1]);
+        return s;
+    }
+    // Element offset of (n, c, s), s being the flat spatial index.
+    int64_t offset(int64_t n, int64_t c, int64_t s) const {
+        const int64_t C = channels(), S = elements() / dims[0] / C;
+        return layout == hbn::Layout::NCHW ? (n * C + c) * S + s : (n * S + s) * C + c;
+    }
+
+    std::string mode_name() const { return mode == Mode::Training ? "training" : "inference"; }
+    std::string dtype_name() const { return dtype == hbn::DType::Float16 ? "float16" : "float32"; }
+    std::string layout_name() const { return layout == hbn::Layout::NHWC ? "nhwc" : "nchw"; }
+    // Cases that differ only in mode share their buffers.
+    std::string data_key() const { return dtype_name() + "/" + layout_name() + "/" + size; }
+    std::string name() const { return mode_name() + "/" + data_key(); }
+};
+
+struct FreeDeleter {
+    void operator()(void *p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<void, FreeDeleter>;
+
+// x (random) and y, dense in the case's layout; parameters and statistics are
+// float32 of shape {C}. Training runs update running_mean and running_var.
+struct Data {
+    Buffer x, y;
+    std::vector<float> running_mean, running_var, weight, bias;
+    std::vector<float> saved_mean, saved_var;  // training outputs, where an API has them
+};
+
+// One implementation prepared for one case: run() is one forward call.
+// label, if set, is reported with the result (e.g. oneDNN's implementation).
+struct Runner {
+    virtual ~Runner() = default;
+    virtual void run() = 0;
+    std::string label;
+};
+
+// Thrown while preparing a peer that cannot run the case at all.
+struct Unavailable : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+std::unique_ptr<Runner> make_onednn(const Case &c, Data &d);
+std::unique_ptr<Runner> make_torch(const Case &c, Data &d);
+void init_torch(int threads);
+
+}  // namespace bench
