@@ -119,16 +119,19 @@ public:
         } else {
             // Channels are the dense axis: all statistics first, in parallel
             // over blocks of rows, then the elementwise pass.
+            // Within a block, one vector of channels at a time runs down the
+            // rows, so its accumulators stay in registers.
             RVar block, row;
-            Var row_block{"row_block"};
+            Var row_block{"row_block"}, c_vector{"c_vector"};
             Func block_sums = sums.update()
                                   .split(r.x, block, row, 256, TailStrategy::GuardWithIf)
                                   .rfactor(block, row_block);
             block_sums.compute_root()
                 .vectorize(c, vector_size, TailStrategy::GuardWithIf);
             block_sums.update()
-                .reorder(c, row, row_block)
-                .vectorize(c, vector_size, TailStrategy::GuardWithIf)
+                .split(c, c_vector, c, vector_size, TailStrategy::GuardWithIf)
+                .reorder(c, row, c_vector, row_block)
+                .vectorize(c)
                 .specialize(large)
                 .parallel(row_block);
             sums.compute_root().update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
