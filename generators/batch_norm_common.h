@@ -15,6 +15,11 @@ using namespace Halide;
 
 enum class Layout { NCHW, NHWC };
 
+// Every pipeline is also built serial (GeneratorParam parallel=false): the
+// runtime runs tiny tensors with it, since waking the thread pool costs more
+// than their work. (Halide 14 drops specializations of extern stages, so
+// this cannot be a specialize() on the size.)
+
 inline const std::map<std::string, Layout> layout_names = {
     {"nchw", Layout::NCHW},
     {"nhwc", Layout::NHWC},
@@ -64,14 +69,10 @@ inline Expr normalized(const Expr &x, const Expr &mean, const Expr &scale, const
     return (cast<float>(x) - mean) * scale + bias;
 }
 
-// Below this many elements a call runs serially: waking the thread pool
-// costs more than the work.
-constexpr int serial_threshold = 16 * 1024;
-
 // CPU schedule of the elementwise pass writing `output`: vectorized along
-// the dense axis, parallel over blocks of rows unless the tensor is tiny.
-inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout,
-                                   const Expr &total_elements, const Target &target) {
+// the dense axis, blocks of rows in parallel when `parallel`.
+inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout, bool parallel,
+                                   const Target &target) {
     const int vector_size = target.natural_vector_size<float>();
     Var rows{"rows"}, row_block{"row_block"};
     if (layout == Layout::NCHW) {
@@ -82,7 +83,9 @@ inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout
         output.vectorize(v.c, vector_size, TailStrategy::GuardWithIf)
             .split(v.m, row_block, rows, 64, TailStrategy::GuardWithIf);
     }
-    output.specialize(total_elements >= serial_threshold).parallel(row_block);
+    if (parallel) {
+        output.parallel(row_block);
+    }
 }
 
 }  // namespace hbn_generators

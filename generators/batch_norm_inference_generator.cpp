@@ -12,6 +12,7 @@ class BatchNormInference : public Generator<BatchNormInference> {
 public:
     GeneratorParam<Type> data_type{"data_type", Float(32)};
     GeneratorParam<Layout> layout{"layout", Layout::NCHW, layout_names};
+    GeneratorParam<bool> parallel{"parallel", true};
 
     Input<Buffer<>> input{"input"};
     Input<Buffer<float, 1>> running_mean{"running_mean"};
@@ -56,8 +57,7 @@ public:
             return;
         }
         scale.compute_root();
-        const Expr total_elements = values_per_channel(input, layout) * channel_extent(input, layout);
-        schedule_normalize_cpu(output, v, layout, total_elements, get_target());
+        schedule_normalize_cpu(output, v, layout, parallel, get_target());
     }
 };
 

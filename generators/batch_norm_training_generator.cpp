@@ -14,6 +14,7 @@ class BatchNormTraining : public Generator<BatchNormTraining> {
 public:
     GeneratorParam<Type> data_type{"data_type", Float(32)};
     GeneratorParam<Layout> layout{"layout", Layout::NCHW, layout_names};
+    GeneratorParam<bool> parallel{"parallel", true};
 
     Input<Buffer<>> input{"input"};
     Input<Buffer<float, 1>> weight{"weight"};
@@ -40,7 +41,7 @@ public:
         const bool nchw = layout == Layout::NCHW;
         RDom r = nchw ? RDom(0, input.dim(0).extent(), 0, input.dim(2).extent())
                       : RDom(0, input.dim(1).extent());
-        const Expr value = nchw ? input(r.x, c, r.y) : input(c, r.x);
+        const Expr channel_value = nchw ? input(r.x, c, r.y) : input(c, r.x);
         Func shift{"shift"};
         shift(c) = cast<double>(nchw ? input(0, c, 0) : input(c, 0));
 
@@ -49,7 +50,7 @@ public:
         // mean/std ratios of 1e4 and more than 2^24 values, in one read of x.
         Func sums{"sums"};
         sums(c) = Tuple(cast<double>(0), cast<double>(0));
-        const Expr d = cast<double>(value) - shift(c);
+        const Expr d = cast<double>(channel_value) - shift(c);
         sums(c) = Tuple(sums(c)[0] + d, sums(c)[1] + d * d);
 
         const Expr count = cast<double>(values_per_channel(input, layout));
@@ -91,19 +92,20 @@ public:
         if (auto_schedule) {
             return;
         }
-        const Expr total_elements = values_per_channel(input, layout) * channel_extent(input, layout);
-        const Expr large = total_elements >= serial_threshold;
         const int vector_size = get_target().natural_vector_size<float>();
 
         if (nchw) {
             // Channel by channel: a channel's slab (N * inner values) is read
             // once for its statistics and again, from cache, to normalize.
             output.reorder(v.inner, v.n, v.c)
-                .vectorize(v.inner, vector_size, TailStrategy::GuardWithIf)
-                .parallel(v.c);
-            output.specialize(!large).serial(v.c);
+                .vectorize(v.inner, vector_size, TailStrategy::GuardWithIf);
+            for (Func stat : {Func(output), Func(batch_mean), Func(batch_var), Func(batch_inv_std)}) {
+                if (parallel) {
+                    stat.parallel(c);  // fused loops must match
+                }
+            }
             for (Func stat : {Func(batch_mean), Func(batch_var), Func(batch_inv_std)}) {
-                stat.parallel(c).compute_with(output, v.c);
+                stat.compute_with(output, v.c);
             }
             for (Func per_channel : {statistics, sums, scale}) {
                 per_channel.compute_at(output, v.c);
@@ -131,13 +133,14 @@ public:
             block_sums.update()
                 .split(c, c_vector, c, vector_size, TailStrategy::GuardWithIf)
                 .reorder(c, row, c_vector, row_block)
-                .vectorize(c)
-                .specialize(large)
-                .parallel(row_block);
+                .vectorize(c);
+            if (parallel) {
+                block_sums.update().parallel(row_block);
+            }
             sums.compute_root().update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
             statistics.compute_root();
             scale.compute_root();
-            schedule_normalize_cpu(output, v, layout, total_elements, get_target());
+            schedule_normalize_cpu(output, v, layout, parallel, get_target());
         }
     }
 };

@@ -4,14 +4,7 @@
 #include "hbn/batch_norm.h"
 
 #include "HalideRuntime.h"
-#include "hbn_batch_norm_inference_float16_nchw.h"
-#include "hbn_batch_norm_inference_float16_nhwc.h"
-#include "hbn_batch_norm_inference_float32_nchw.h"
-#include "hbn_batch_norm_inference_float32_nhwc.h"
-#include "hbn_batch_norm_training_float16_nchw.h"
-#include "hbn_batch_norm_training_float16_nhwc.h"
-#include "hbn_batch_norm_training_float32_nchw.h"
-#include "hbn_batch_norm_training_float32_nhwc.h"
+#include "hbn_kernels.h"
 
 #include <array>
 #include <cmath>
@@ -306,21 +299,29 @@ void check_status(int status, const CallContext &context, const char *pipeline) 
     }
 }
 
-// Generated functions, indexed by [dtype][nchw].
+// Generated functions, indexed by [dtype][nchw][parallel].
 using InferenceFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
                             halide_buffer_t *, halide_buffer_t *, float, halide_buffer_t *);
 using TrainingFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
                            float, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
                            halide_buffer_t *);
 
-constexpr InferenceFn inference_fns[2][2] = {
-    {hbn_batch_norm_inference_float16_nhwc, hbn_batch_norm_inference_float16_nchw},
-    {hbn_batch_norm_inference_float32_nhwc, hbn_batch_norm_inference_float32_nchw},
-};
-constexpr TrainingFn training_fns[2][2] = {
-    {hbn_batch_norm_training_float16_nhwc, hbn_batch_norm_training_float16_nchw},
-    {hbn_batch_norm_training_float32_nhwc, hbn_batch_norm_training_float32_nchw},
-};
+#define HBN_KERNELS(pipeline, type)                                                             \
+    {                                                                                           \
+        {hbn_batch_norm_##pipeline##_##type##_nhwc_serial,                                      \
+         hbn_batch_norm_##pipeline##_##type##_nhwc_parallel},                                   \
+        {hbn_batch_norm_##pipeline##_##type##_nchw_serial,                                      \
+         hbn_batch_norm_##pipeline##_##type##_nchw_parallel},                                   \
+    }
+constexpr InferenceFn inference_fns[2][2][2] = {HBN_KERNELS(inference, float16),
+                                                HBN_KERNELS(inference, float32)};
+constexpr TrainingFn training_fns[2][2][2] = {HBN_KERNELS(training, float16),
+                                              HBN_KERNELS(training, float32)};
+#undef HBN_KERNELS
+
+// Below this many elements a call runs on the serial kernels: waking the
+// thread pool costs more than the work.
+constexpr int64_t serial_threshold = 16 * 1024;
 
 int dtype_index(DType dtype) {
     return dtype == DType::Float32 ? 1 : 0;
@@ -360,11 +361,12 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
     ChannelFloats weight_f32(weight, channels), bias_f32(bias, channels);
     const auto eps = static_cast<float>(options.eps);
     const int type = dtype_index(x.dtype);
+    const bool parallel = view.values_per_channel() * channels >= serial_threshold;
     CallContext context;
 
     if (!training) {
         ChannelFloats mean_f32(running_mean, channels), var_f32(running_var, channels);
-        const int status = inference_fns[type][view.nchw](
+        const int status = inference_fns[type][view.nchw][parallel](
             &context, input_buffer.get(), mean_f32.buffer(), var_f32.buffer(), weight_f32.buffer(),
             bias_f32.buffer(), eps, output_buffer.get());
         check_status(status, context, "inference pipeline");
@@ -379,7 +381,7 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
     float *var = scratch.data() + 2 * channels;
     HalideBuffer mean_buffer(mean, channels), var_buffer(var, channels),
         inv_std_buffer(inv_std, channels);
-    const int status = training_fns[type][view.nchw](
+    const int status = training_fns[type][view.nchw][parallel](
         &context, input_buffer.get(), weight_f32.buffer(), bias_f32.buffer(), eps,
         output_buffer.get(), mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
     check_status(status, context, "training pipeline");
