@@ -69,11 +69,13 @@ struct Data {
     std::vector<float> saved_mean, saved_var;  // training outputs, where an API has them
 };
 
-// One implementation prepared for one case: run() is one forward call.
-// label, if set, is reported with the result (e.g. oneDNN's implementation).
+// One implementation prepared for one case: run() is one forward call;
+// finish() leaves the last call's output in Data::y, for the check. label, if
+// set, is reported with the result (e.g. oneDNN's implementation).
 struct Runner {
     virtual ~Runner() = default;
     virtual void run() = 0;
+    virtual void finish() {}
     std::string label;
 };
 

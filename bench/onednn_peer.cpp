@@ -44,7 +44,7 @@ std::unique_ptr<Runner> make_onednn(const Case &c, Data &d) {
     if (!pd)
         throw Unavailable("oneDNN " + std::to_string(dnnl::version()->major) + "." +
                           std::to_string(dnnl::version()->minor) + " has no " + c.dtype_name() +
-                          " " + c.layout_name() + " batch normalization for this CPU");
+                          " batch normalization for this CPU");
 
     auto r = std::make_unique<OnednnRunner>();
     r->label = pd.impl_info_str();

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages hbn needs that this machine lacks.
-#   scripts/install_deps.sh [demo|test]   (default: test)
+#   scripts/install_deps.sh [demo|test|bench]   (default: test)
 set -euo pipefail
 
 packages=(cmake ninja-build g++ libhalide14-0-dev)
-if [[ "${1:-test}" == test ]]; then
-    packages+=(libgtest-dev)
-fi
+case "${1:-test}" in
+    demo) ;;
+    test) packages+=(libgtest-dev) ;;
+    bench) packages+=(libbenchmark-dev libdnnl-dev libtorch-dev python3-matplotlib) ;;
+    *) echo "usage: $0 [demo|test|bench]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Summarizes hbn_bench's Google Benchmark JSON: a markdown table and a plot.
+
+    python3 bench/report.py RESULTS.json [--md OUT.md] [--png OUT.png]
+
+Prints the table and writes it to OUT.md, and the plot to OUT.png (by default
+next to RESULTS.json, with its name). Benchmarks are named
+BM/<mode>/<dtype>/<layout>/<size>/<impl>. For each case (mode, dtype, layout,
+size) the table gives hbn's time and the GB/s of every implementation (bytes of
+x read plus y written, the same for all), then the ratios copy/hbn and
+peer/hbn, each time_other / time_hbn: copy/hbn = 1 means hbn runs as fast as a
+copy of the tensor; peer/hbn > 1 means hbn is faster than the peer.
+"""
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+IMPLS = ["hbn", "copy", "onednn", "torch"]
+PEERS = ["onednn", "torch"]
+ORDER = {
+    "size": ["tiny", "mid", "large"],
+    "mode": ["inference", "training"],
+    "dtype": ["float32", "float16"],
+    "layout": ["nchw", "nhwc"],
+}
+UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def load(path):
+    """Returns (context, {case: {impl: result}}), a case being
+    (mode, dtype, layout, size) and a result a dict with seconds, gbps, error,
+    label."""
+    data = json.loads(Path(path).read_text())
+    runs = defaultdict(list)
+    for b in data.get("benchmarks", []):
+        parts = b.get("run_name", b["name"]).split("/")
+        if len(parts) < 6 or parts[0] != "BM":
+            continue
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
+            continue
+        runs[tuple(parts[1:5]), parts[5]].append(b)
+
+    cases = defaultdict(dict)
+    for (case, impl), bs in runs.items():
+        # With --benchmark_repetitions, take the median (Google Benchmark's
+        # own median aggregate if it was reported).
+        medians = [b for b in bs if b.get("run_type") == "aggregate"]
+        ok = [b for b in (medians or bs) if not b.get("error_occurred")]
+        if not ok:
+            cases[case][impl] = {"error": bs[0].get("error_message", "error"), "label": ""}
+            continue
+        seconds = statistics.median(b["real_time"] * UNIT_SECONDS[b["time_unit"]] for b in ok)
+        gbps = statistics.median(b.get("bytes_per_second", 0) / 1e9 for b in ok)
+        cases[case][impl] = {"seconds": seconds, "gbps": gbps, "label": ok[0].get("label", "")}
+    return data.get("context", {}), cases
+
+
+def case_key(case):
+    mode, dtype, layout, size = case
+    rank = lambda axis, v: ORDER[axis].index(v) if v in ORDER[axis] else len(ORDER[axis])
+    return (rank("size", size), rank("mode", mode), rank("dtype", dtype), rank("layout", layout))
+
+
+def fmt_time(s):
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s / 1e-9:.3g} ns"
+
+
+def fmt_gbps(r):
+    if r is None:
+        return "—"
+    if "error" in r:
+        return "n/a" if r["error"].startswith("unavailable") else "error"
+    return f"{r['gbps']:.3g}"
+
+
+def ratio(other, hbn):
+    if not other or not hbn or "seconds" not in other or "seconds" not in hbn:
+        return "—"
+    return f"{other['seconds'] / hbn['seconds']:.2f}"
+
+
+def describe(names):
+    """'mode/dtype/layout/size' names, as a product of their values when they
+    form one (e.g. 'inference, training × float16 × nchw, nhwc × tiny, mid')."""
+    cases = {tuple(n.split("/")) for n in names}
+    axes = [sorted({c[i] for c in cases}, key=lambda v, a=a: ORDER[a].index(v))
+            for i, a in enumerate(["mode", "dtype", "layout", "size"])]
+    product = 1
+    for values in axes:
+        product *= len(values)
+    if product == len(cases):
+        return " × ".join(", ".join(values) for values in axes)
+    return ", ".join(names)
+
+
+def markdown(context, cases):
+    date = context.get("date", "unknown date")
+    threads = context.get("threads", "?")
+    extra = [f"{k}={context[k]}" for k in ("hbn_source", "OMP_WAIT_POLICY", "OMP_NUM_THREADS",
+                                            "HL_NUM_THREADS") if k in context]
+    if context.get("load_avg"):
+        extra.append(f"load average at start: {context['load_avg'][0]:.2f}")
+    lines = [
+        "# hbn batch_norm benchmark",
+        "",
+        f"CPU: {cpu_model()} ({context.get('num_cpus', '?')} CPUs, {threads} threads); "
+        f"date: {date}" + "".join(f"; {e}" for e in extra),
+        "",
+        "GB/s count the bytes of x read plus y written. copy/hbn and peer/hbn are "
+        "time_other / time_hbn: copy/hbn = 1 is copy speed, peer/hbn > 1 means hbn is faster.",
+        "",
+        "| case | hbn time | hbn GB/s | copy GB/s | onednn GB/s | torch GB/s "
+        "| copy/hbn | onednn/hbn | torch/hbn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in sorted(cases, key=case_key):
+        r = cases[case]
+        hbn = r.get("hbn")
+        hbn_time = fmt_time(hbn["seconds"]) if hbn and "seconds" in hbn else fmt_gbps(hbn)
+        cells = ["/".join(case), hbn_time] + [fmt_gbps(r.get(i)) for i in IMPLS]
+        cells += [ratio(r.get(i), hbn) for i in ["copy"] + PEERS]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    # Why a cell is n/a or error, and which oneDNN implementation ran.
+    notes = defaultdict(list)
+    for case in sorted(cases, key=case_key):
+        for impl, r in cases[case].items():
+            if "error" in r:
+                notes[f"{impl}: {r['error']}"].append("/".join(case))
+            elif impl == "onednn" and r["label"]:
+                notes[f"onednn ran {r['label']}"].append("/".join(case))
+    if notes:
+        lines += ["", "Notes:", ""]
+        for note, where in notes.items():
+            lines.append(f"- {note}: {describe(where)}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cases, path):
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no plot: this python ({sys.executable}) has no matplotlib")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s for s in ORDER["size"] if any(c[3] == s for c in cases)]
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(13, 3.6 * len(sizes)), squeeze=False)
+    width = 0.8 / len(IMPLS)
+    for ax, size in zip(axes[:, 0], sizes):
+        group = sorted((c for c in cases if c[3] == size), key=case_key)
+        missing = []
+        for k, impl in enumerate(IMPLS):
+            xs = [i + (k - (len(IMPLS) - 1) / 2) * width for i in range(len(group))]
+            ys = [cases[c].get(impl, {}).get("gbps", 0) for c in group]
+            ax.bar(xs, ys, width, label=impl)
+            missing += [x for x, y in zip(xs, ys) if not y]
+        if size == "tiny":  # per-call overhead: values span orders of magnitude
+            ax.set_yscale("log")
+        for x in missing:
+            ax.text(x, ax.get_ylim()[0], "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(group)))
+        ax.set_xticklabels(["/".join(c[:3]) for c in group], fontsize=8)
+        ax.set_ylabel("GB/s (x read + y written)")
+        ax.set_title(size + (" (log scale)" if size == "tiny" else ""))
+        ax.grid(axis="y", alpha=0.3)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=len(IMPLS))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("json")
+    parser.add_argument("--md", help="markdown output (default: JSON path with .md)")
+    parser.add_argument("--png", help="plot output (default: JSON path with .png)")
+    args = parser.parse_args()
+
+    context, cases = load(args.json)
+    if not cases:
+        raise SystemExit(f"{args.json}: no BM/... benchmarks")
+    md = markdown(context, cases)
+    print(md, end="")
+    md_path = Path(args.md or Path(args.json).with_suffix(".md"))
+    png_path = Path(args.png or Path(args.json).with_suffix(".png"))
+    md_path.write_text(md)
+    print(f"\nwrote {md_path}")
+    if plot(cases, png_path):
+        print(f"wrote {png_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the benchmarks and runs them: hbn against a copy of the same bytes,
+# oneDNN and libtorch. Writes bench/results/latest.{json,md,png}.
+# Extra arguments go to the benchmark binary, e.g.
+#   scripts/bench.sh --benchmark_filter=mid
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install_deps.sh bench
+
+cmake -S . -B build/bench -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_BUILD_TESTS=OFF \
+      -DHBN_BUILD_BENCH=ON
+cmake --build build/bench --target hbn_bench -j "$(nproc)"
+
+mkdir -p bench/results
+# OpenMP threads (oneDNN, libtorch) sleep when idle instead of spinning: on a
+# VM whose vCPUs share cores, spinning threads stall each other (a 2x2 call
+# then takes milliseconds) and steal time from whatever runs next.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
+# Which hbn was measured: the commit, and whether the sources outside bench/
+# and scripts/ had uncommitted changes.
+source_rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n "$(git status --porcelain -- . ':!bench' ':!scripts' 2>/dev/null)" ]]; then
+    source_rev+="+uncommitted"
+fi
+build/bench/bench/hbn_bench --benchmark_out=bench/results/latest.json \
+                            --benchmark_out_format=json \
+                            --benchmark_context=hbn_source="$source_rev" "$@"
+# Debian's python3, which has python3-matplotlib (not one from PATH, e.g. pyenv).
+/usr/bin/python3 bench/report.py bench/results/latest.json
