@@ -62,6 +62,40 @@ Expr channel_extent(const InputBuffer &input, Layout layout) {
     return input.dim(layout == Layout::NCHW ? 1 : 0).extent();
 }
 
+// What both pipelines share: the data type and layout they are built for,
+// the serial or parallel build, the data tensor in and out, and estimates.
+template<typename T>
+class BatchNormGenerator : public Generator<T> {
+public:
+    GeneratorParam<Type> data_type{"data_type", Float(32)};
+    GeneratorParam<Layout> layout{"layout", Layout::NCHW, layout_names};
+    GeneratorParam<bool> parallel{"parallel", true};
+
+    // Declared first, so `input` leads the inputs and `output` the outputs.
+    GeneratorInput<Buffer<>> input{"input"};
+    GeneratorOutput<Buffer<>> output{"output"};
+
+    void configure() {
+        input.set_type(data_type);
+        input.set_dimensions(data_dimensions(layout));
+        output.set_type(data_type);
+        output.set_dimensions(data_dimensions(layout));
+    }
+
+protected:
+    // Estimates: the mid-size benchmark tensor, 32x64x56x56.
+    static constexpr int estimated_channels = 64;
+
+    void set_data_estimates() {
+        const int spatial = 56 * 56, batch = 32;
+        const Region region = layout == Layout::NCHW
+                                  ? Region{{0, spatial}, {0, estimated_channels}, {0, batch}}
+                                  : Region{{0, estimated_channels}, {0, spatial * batch}};
+        input.set_estimates(region);
+        output.set_estimates(region);
+    }
+};
+
 // y = (x - mean) * scale + bias, computed in float32 whatever the storage
 // type. Subtracting the mean first (rather than folding it into the bias)
 // makes a constant channel give exactly bias.

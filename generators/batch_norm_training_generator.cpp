@@ -10,27 +10,14 @@ namespace {
 using namespace Halide;
 using namespace hbn_generators;
 
-class BatchNormTraining : public Generator<BatchNormTraining> {
+class BatchNormTraining : public BatchNormGenerator<BatchNormTraining> {
 public:
-    GeneratorParam<Type> data_type{"data_type", Float(32)};
-    GeneratorParam<Layout> layout{"layout", Layout::NCHW, layout_names};
-    GeneratorParam<bool> parallel{"parallel", true};
-
-    Input<Buffer<>> input{"input"};
     Input<Buffer<float, 1>> weight{"weight"};
     Input<Buffer<float, 1>> bias{"bias"};
     Input<float> eps{"eps"};
-    Output<Buffer<>> output{"output"};
     Output<Buffer<float, 1>> batch_mean{"batch_mean"};
     Output<Buffer<float, 1>> batch_var{"batch_var"};  // biased
     Output<Buffer<float, 1>> batch_inv_std{"batch_inv_std"};
-
-    void configure() {
-        input.set_type(data_type);
-        input.set_dimensions(data_dimensions(layout));
-        output.set_type(data_type);
-        output.set_dimensions(data_dimensions(layout));
-    }
 
     void generate() {
         const DataVars v(layout);
@@ -71,22 +58,15 @@ public:
         output(v.args) = cast(data_type,
                               normalized(input(v.args), statistics(c)[0], scale(c), bias(c)));
 
-        // Estimates: the mid-size benchmark tensor, 32x64x56x56.
-        const int channels = 64, spatial = 56 * 56, batch = 32;
+        // Estimates
+        set_data_estimates();
         for (auto *param : {&weight, &bias}) {
-            param->set_estimates({{0, channels}});
+            param->set_estimates({{0, estimated_channels}});
         }
         for (auto *stat : {&batch_mean, &batch_var, &batch_inv_std}) {
-            stat->set_estimates({{0, channels}});
+            stat->set_estimates({{0, estimated_channels}});
         }
         eps.set_estimate(1e-5f);
-        if (nchw) {
-            input.set_estimates({{0, spatial}, {0, channels}, {0, batch}});
-            output.set_estimates({{0, spatial}, {0, channels}, {0, batch}});
-        } else {
-            input.set_estimates({{0, channels}, {0, spatial * batch}});
-            output.set_estimates({{0, channels}, {0, spatial * batch}});
-        }
 
         // Schedule
         if (auto_schedule) {
