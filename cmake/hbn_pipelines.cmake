@@ -1,6 +1,7 @@
-# Turns each (pipeline, data type, layout) into one multi-target Halide library
-# and folds its objects into the hbn library, so an installed libhbn.a carries
-# every kernel and exactly one Halide runtime.
+# Turns each (pipeline, data type, layout) into one Halide library (multi-target
+# on x86-64, single-target on aarch64) and folds its objects into the hbn
+# library, so an installed libhbn.a carries every kernel and exactly one Halide
+# runtime.
 
 include(GNUInstallDirs)
 
@@ -12,12 +13,70 @@ set(HBN_X86_TARGETS
     "x86-64-linux-sse41"
     CACHE STRING "Halide targets of the x86 multi-target libraries, best first")
 
+# aarch64: one target. Halide 14's runtime detects no ARM features, so a
+# multi-target ARM library would always run its first variant.
+set(HBN_ARM_TARGETS "arm-64-linux"
+    CACHE STRING "Halide target of the aarch64 libraries (exactly one)")
+
 # user_context: errors reach the handler with the failing call's context.
 # large_buffers: tensors over 2 GiB are legal input.
 set(HBN_HALIDE_FEATURES user_context large_buffers)
 
+# HBN_ARCH (x86_64 or aarch64) and HBN_HALIDE_TARGETS, the targets for the
+# processor being built for, checked here so that a wrong one fails at
+# configure time rather than at link time.
+string(TOLOWER "${CMAKE_SYSTEM_PROCESSOR}" _hbn_processor)
+if (_hbn_processor MATCHES "^(x86_64|amd64)$")
+    set(HBN_ARCH x86_64)
+    set(_hbn_targets_var HBN_X86_TARGETS)
+    set(_hbn_triple x86-64-linux)
+elseif (_hbn_processor MATCHES "^(aarch64|arm64)$")
+    set(HBN_ARCH aarch64)
+    set(_hbn_targets_var HBN_ARM_TARGETS)
+    set(_hbn_triple arm-64-linux)
+else ()
+    message(FATAL_ERROR "hbn builds for x86_64 or aarch64 Linux, not for "
+                        "CMAKE_SYSTEM_PROCESSOR '${CMAKE_SYSTEM_PROCESSOR}'.")
+endif ()
+if (NOT CMAKE_SYSTEM_NAME STREQUAL "Linux")
+    message(FATAL_ERROR "hbn builds for Linux, not for CMAKE_SYSTEM_NAME '${CMAKE_SYSTEM_NAME}'.")
+endif ()
+set(HBN_HALIDE_TARGETS ${${_hbn_targets_var}})
+if (NOT HBN_HALIDE_TARGETS)
+    message(FATAL_ERROR "${_hbn_targets_var} is empty: name a ${_hbn_triple}[-feature...] target.")
+endif ()
+foreach (_hbn_target IN LISTS HBN_HALIDE_TARGETS)
+    if (NOT _hbn_target MATCHES "^${_hbn_triple}(-|$)")
+        message(FATAL_ERROR "${_hbn_targets_var} holds '${_hbn_target}', but building for "
+                            "${CMAKE_SYSTEM_PROCESSOR} takes Halide targets of the form "
+                            "${_hbn_triple}[-feature...].")
+    endif ()
+endforeach ()
+list(LENGTH HBN_HALIDE_TARGETS _hbn_target_count)
+if (_hbn_targets_var STREQUAL "HBN_ARM_TARGETS" AND _hbn_target_count GREATER 1)
+    message(FATAL_ERROR "HBN_ARM_TARGETS holds ${_hbn_target_count} targets; it takes exactly one: "
+                        "Halide 14 cannot tell at run time which ARM features a CPU has.")
+endif ()
+# add_halide_library emits objects (which the function below folds into hbn)
+# only for targets of the CMake target's triple.
+if (DEFINED Halide_CMAKE_TARGET AND NOT Halide_CMAKE_TARGET STREQUAL _hbn_triple)
+    message(FATAL_ERROR "Halide_CMAKE_TARGET is '${Halide_CMAKE_TARGET}', expected '${_hbn_triple}' "
+                        "for CMAKE_SYSTEM_PROCESSOR '${CMAKE_SYSTEM_PROCESSOR}'.")
+endif ()
+message(STATUS "hbn Halide targets (${_hbn_targets_var}): ${HBN_HALIDE_TARGETS}")
+
 # Adds the objects of a Halide library (or runtime) target to `consumer`.
+# add_halide_library gives objects when the Halide targets' triple is the CMake
+# target's, which the checks above ensure, in cross builds too: the host-built
+# generator emits aarch64 objects. (It gives an IMPORTED .a only when the two
+# triples differ.)
 function(_hbn_absorb_objects consumer halide_target)
+    get_target_property(imported ${halide_target} IMPORTED)
+    if (imported)
+        message(FATAL_ERROR "${halide_target} is an imported static library, not objects: "
+                            "its Halide targets' triple differs from Halide_CMAKE_TARGET "
+                            "(${Halide_CMAKE_TARGET}).")
+    endif ()
     get_target_property(objects ${halide_target} SOURCES)
     list(TRANSFORM objects PREPEND "${CMAKE_CURRENT_BINARY_DIR}/")
     target_sources(${consumer} PRIVATE ${objects})
@@ -43,7 +102,7 @@ function(hbn_add_pipeline consumer pipeline data_type layout threading)
     endif ()
     add_halide_library(${name} FROM hbn_generators
                        GENERATOR batch_norm_${pipeline}
-                       TARGETS ${HBN_X86_TARGETS}
+                       TARGETS ${HBN_HALIDE_TARGETS}
                        FEATURES ${HBN_HALIDE_FEATURES}
                        PARAMS data_type=${data_type} layout=${layout} parallel=${parallel}
                        ${use_runtime})

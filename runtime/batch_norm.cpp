@@ -4,6 +4,7 @@
 #include "hbn/batch_norm.h"
 
 #include "HalideRuntime.h"
+#include "float16.h"
 #include "hbn_kernels.h"
 
 #include <array>
@@ -17,8 +18,6 @@ namespace hbn {
 Error::Error(ErrorKind kind, std::string message) : kind_(kind), message_(std::move(message)) {}
 
 namespace {
-
-using float16 = _Float16;
 
 const char *dtype_name(DType dtype) {
     return dtype == DType::Float16 ? "Float16" : "Float32";

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages hbn needs that this machine lacks.
-#   scripts/install_deps.sh [demo|test|bench]   (default: test)
+#   scripts/install_deps.sh [demo|test|arm|bench]   (default: test)
+# arm: the test packages plus the aarch64 cross compiler and qemu-aarch64
+# (scripts/test_arm.sh builds GoogleTest from googletest's sources).
 set -euo pipefail
 
 packages=(cmake ninja-build g++ libhalide14-0-dev)
 case "${1:-test}" in
     demo) ;;
     test) packages+=(libgtest-dev) ;;
+    arm) packages+=(libgtest-dev googletest g++-aarch64-linux-gnu qemu-user) ;;
     bench) packages+=(libbenchmark-dev libdnnl-dev libtorch-dev python3-matplotlib) ;;
-    *) echo "usage: $0 [demo|test|bench]" >&2; exit 2 ;;
+    *) echo "usage: $0 [demo|test|arm|bench]" >&2; exit 2 ;;
 esac
 
 missing=()

@@ -3,6 +3,7 @@
 // comparisons that report the first few mismatches.
 #pragma once
 
+#include "float16.h"
 #include "reference.h"
 
 #include <gtest/gtest.h>
@@ -16,7 +17,7 @@
 
 namespace hbn_test {
 
-using float16 = _Float16;
+using hbn::float16;
 
 class HostTensor {
 public:

@@ -2,6 +2,7 @@
 
 #include "HalideRuntime.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <initializer_list>
 
@@ -43,6 +44,11 @@ bool force_x86_variant_from_environment() {
         return true;
     }
     record.forced = name;
+#if !defined(__x86_64__) && !defined(_M_X64)
+    // Other architectures (aarch64) build one variant: nothing to force.
+    std::fprintf(stderr, "HBN_TEST_X86_VARIANT=%s: this build is not for x86-64\n", name);
+    return false;
+#endif
     const auto avx512 = {halide_target_feature_avx512, halide_target_feature_avx512_skylake,
                          halide_target_feature_avx512_cannonlake,
                          halide_target_feature_avx512_sapphirerapids, halide_target_feature_avx512_knl};

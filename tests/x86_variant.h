@@ -2,6 +2,8 @@
 // asks halide_can_use_target_features once per process and caches the
 // answer, so a test process runs under one variant, named by the environment
 // variable HBN_TEST_X86_VARIANT (avx512, avx2 or sse41; unset: the CPU's best).
+// Builds for other architectures (aarch64) have one variant and accept the
+// variable only unset.
 #pragma once
 
 #include <string>
