@@ -116,11 +116,7 @@ DataView view_of(const Tensor &x, Layout layout) {
     return v;
 }
 
-struct CheckedCall {
-    DataView view;
-};
-
-CheckedCall validate(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
+DataView validate(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
                      const Tensor &weight, const Tensor &bias, const Tensor &output,
                      const BatchNormOptions &options, bool training) {
     // NaN fails both comparisons, as it must.
@@ -190,7 +186,7 @@ CheckedCall validate(const Tensor &x, const Tensor &running_mean, const Tensor &
              "training needs more than one value per channel to form a variance, but input_x shape " +
                  shape_string(x.shape) + " has " + std::to_string(view.values_per_channel()));
     }
-    return {view};
+    return view;
 }
 
 void check_saved_statistic(const Tensor &t, const char *name, int64_t channels) {
@@ -343,8 +339,7 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
          const Tensor &weight, const Tensor &bias, const Tensor &output,
          const Tensor *saved_mean, const Tensor *saved_inv_std,
          const BatchNormOptions &options, bool training) {
-    const DataView view =
-        validate(x, running_mean, running_var, weight, bias, output, options, training).view;
+    const DataView view = validate(x, running_mean, running_var, weight, bias, output, options, training);
     if (saved_mean != nullptr) {
         check_saved_statistic(*saved_mean, "saved_mean", view.channels);
         check_saved_statistic(*saved_inv_std, "saved_inv_std", view.channels);
