@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds hbn with each Halide 14 autoscheduler in place of the manual
+# schedules (-DHBN_SCHEDULE=<name>, in build/schedule-<name>) and runs the
+# tests there: all but the `package` label, under the CPU's best x86 variant
+# only (-R '^avx512\.'). ctest arguments may follow; a later -R replaces that
+# filter, e.g. scripts/test_schedules.sh -R '^sse41\.' -L numerics.
+# Every schedule is built and tested even if one fails; the script fails if
+# any did.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install_deps.sh test
+jobs=$(nproc)
+
+failed=()
+for schedule in adams2019 li2018 mullapudi2016; do
+    dir=build/schedule-$schedule
+    echo "== HBN_SCHEDULE=$schedule ($dir)"
+    if ! cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_SCHEDULE="$schedule" ||
+       ! cmake --build "$dir" -j "$jobs"; then
+        failed+=("$schedule (build)")
+        continue
+    fi
+    if ! ctest --test-dir "$dir" --output-on-failure -j "$jobs" -LE package -R '^avx512\.' "$@"; then
+        failed+=("$schedule (tests)")
+    fi
+done
+
+if ((${#failed[@]})); then
+    echo "Failed schedules: ${failed[*]}" >&2
+    exit 1
+fi
+echo "Every schedule source passed."
