@@ -5,7 +5,7 @@
 # (scripts/test_arm.sh builds GoogleTest from googletest's sources).
 set -euo pipefail
 
-packages=(cmake ninja-build g++ libhalide14-0-dev)
+packages=(cmake ninja-build gcc g++ libhalide14-0-dev)
 case "${1:-test}" in
     demo) ;;
     test) packages+=(libgtest-dev) ;;
