@@ -15,11 +15,6 @@ using namespace Halide;
 
 enum class Layout { NCHW, NHWC };
 
-// Every pipeline is also built serial (GeneratorParam parallel=false): the
-// runtime runs tiny tensors with it, since waking the thread pool costs more
-// than their work. (Halide 14 drops specializations of extern stages, so
-// this cannot be a specialize() on the size.)
-
 inline const std::map<std::string, Layout> layout_names = {
     {"nchw", Layout::NCHW},
     {"nhwc", Layout::NHWC},
@@ -48,8 +43,8 @@ inline int data_dimensions(Layout layout) {
     return layout == Layout::NCHW ? 3 : 2;
 }
 
-// Number of values per channel (M) and of elements, in 64-bit so large
-// tensors cannot overflow.
+// Number of values per channel (M), in 64-bit so large tensors cannot
+// overflow.
 template<typename InputBuffer>
 Expr values_per_channel(const InputBuffer &input, Layout layout) {
     return layout == Layout::NCHW
@@ -57,10 +52,6 @@ Expr values_per_channel(const InputBuffer &input, Layout layout) {
                : cast<int64_t>(input.dim(1).extent());
 }
 
-template<typename InputBuffer>
-Expr channel_extent(const InputBuffer &input, Layout layout) {
-    return input.dim(layout == Layout::NCHW ? 1 : 0).extent();
-}
 
 // What both pipelines share: the data type and layout they are built for,
 // the serial or parallel build, the data tensor in and out, and estimates.
@@ -69,6 +60,10 @@ class BatchNormGenerator : public Generator<T> {
 public:
     GeneratorParam<Type> data_type{"data_type", Float(32)};
     GeneratorParam<Layout> layout{"layout", Layout::NCHW, layout_names};
+    // Every pipeline is also built serial: the runtime runs tiny tensors on
+    // it, since waking the thread pool costs more than their work. A build
+    // per threading mode also serves the autoschedulers, where a specialize()
+    // on the size could not.
     GeneratorParam<bool> parallel{"parallel", true};
 
     // Declared first, so `input` leads the inputs and `output` the outputs.

@@ -117,8 +117,8 @@ DataView view_of(const Tensor &x, Layout layout) {
 }
 
 DataView validate(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
-                     const Tensor &weight, const Tensor &bias, const Tensor &output,
-                     const BatchNormOptions &options, bool training) {
+                  const Tensor &weight, const Tensor &bias, const Tensor &output,
+                  const BatchNormOptions &options, bool training) {
     // NaN fails both comparisons, as it must.
     if (!(options.eps > 0 && options.eps <= 1)) {
         fail(ErrorKind::ValueError, "options.eps must be in (0, 1], got " + std::to_string(options.eps));

@@ -17,14 +17,15 @@ TEST(Threading, ConcurrentCallsOnDistinctDataAreCorrect) {
     constexpr int threads = 8, calls_per_thread = 20;
     std::vector<BatchNormCase> cases;
     std::vector<ReferenceResult> expected;
+    std::vector<DType> dtypes;
     for (int i = 0; i < threads; i++) {
         // Mixed modes, layouts, dtypes and sizes (tiny ones run serially,
         // large ones on the thread pool).
         const Layout layout = i % 2 ? Layout::NHWC : Layout::NCHW;
-        const DType dtype = i % 3 ? DType::Float32 : DType::Float16;
+        dtypes.push_back(i % 3 ? DType::Float32 : DType::Float16);
         const std::vector<int64_t> shape = i % 4 < 2 ? std::vector<int64_t>{4, 16, 24, 24}
                                                      : std::vector<int64_t>{2, 3};
-        cases.emplace_back(shape, layout, dtype, DType::Float32, i % 2 == 0, 100 + i);
+        cases.emplace_back(shape, layout, dtypes[i], DType::Float32, i % 2 == 0, 100 + i);
         expected.push_back(cases.back().reference());
     }
     std::vector<std::thread> pool;
@@ -51,8 +52,7 @@ TEST(Threading, ConcurrentCallsOnDistinctDataAreCorrect) {
     }
     for (int i = 0; i < threads; i++) {
         EXPECT_EQ(errors[i], "") << "thread " << i;
-        const DType dtype = i % 3 ? DType::Float32 : DType::Float16;
-        expect_close(cases[i].output.values(), expected[i].output, output_tolerance(dtype),
+        expect_close(cases[i].output.values(), expected[i].output, output_tolerance(dtypes[i]),
                      "thread " + std::to_string(i) + " output");
         expect_close(cases[i].running_var.values(), expected[i].running_var, 2e-6,
                      "thread " + std::to_string(i) + " running_var");
