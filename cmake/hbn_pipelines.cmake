@@ -65,6 +65,68 @@ if (DEFINED Halide_CMAKE_TARGET AND NOT Halide_CMAKE_TARGET STREQUAL _hbn_triple
 endif ()
 message(STATUS "hbn Halide targets (${_hbn_targets_var}): ${HBN_HALIDE_TARGETS}")
 
+# Backends: the CPU always (it is the fallback of Device::Auto), and GPU
+# backends on request, each built for one Halide target of the same triple:
+# the host code of a GPU library is the CPU's. The GPU kernels keep the CPU's
+# double-precision statistics, hence cl_doubles. All libraries share the one
+# Halide runtime, which Halide builds with the union of their GPU features.
+if (HBN_ARCH STREQUAL "x86_64")
+    set(_hbn_default_backends cpu opencl cuda)
+else ()
+    set(_hbn_default_backends cpu)
+endif ()
+set(HBN_BACKENDS "${_hbn_default_backends}" CACHE STRING
+    "Backends built into hbn: cpu, plus any of opencl and cuda")
+set(HBN_OPENCL_TARGET "${_hbn_triple}-opencl-cl_doubles" CACHE STRING
+    "Halide target of the OpenCL libraries")
+set(HBN_CUDA_TARGET "${_hbn_triple}-cuda-cuda_capability_80" CACHE STRING
+    "Halide target of the CUDA libraries")
+set(_hbn_backends cpu opencl cuda)
+set_property(CACHE HBN_BACKENDS PROPERTY STRINGS ${_hbn_backends})
+foreach (_hbn_backend IN LISTS HBN_BACKENDS)
+    if (NOT _hbn_backend IN_LIST _hbn_backends)
+        message(FATAL_ERROR "HBN_BACKENDS holds '${_hbn_backend}'; it takes a list of: cpu, "
+                            "opencl, cuda (e.g. -DHBN_BACKENDS=\"cpu;opencl\").")
+    endif ()
+endforeach ()
+if (NOT "cpu" IN_LIST HBN_BACKENDS)
+    message(FATAL_ERROR "HBN_BACKENDS is '${HBN_BACKENDS}', which lacks cpu: the CPU backend is "
+                        "always built, as Device::Auto's fallback.")
+endif ()
+# Which GPU backends, and their targets, checked: exactly one GPU API, the
+# build's triple, and (OpenCL) cl_doubles.
+set(HBN_GPU_BACKENDS ${HBN_BACKENDS})
+list(REMOVE_ITEM HBN_GPU_BACKENDS cpu)
+list(REMOVE_DUPLICATES HBN_GPU_BACKENDS)
+foreach (_hbn_backend IN LISTS HBN_GPU_BACKENDS)
+    string(TOUPPER "HBN_${_hbn_backend}_TARGET" _hbn_var)
+    set(_hbn_target "${${_hbn_var}}")
+    set(_hbn_required ${_hbn_backend})
+    if (_hbn_backend STREQUAL "opencl")
+        list(APPEND _hbn_required cl_doubles)
+    endif ()
+    string(REPLACE "-" ";" _hbn_features "${_hbn_target}")
+    foreach (_hbn_feature IN LISTS _hbn_required)
+        if (NOT _hbn_feature IN_LIST _hbn_features)
+            message(FATAL_ERROR "${_hbn_var} is '${_hbn_target}', which lacks the feature "
+                                "'${_hbn_feature}': use e.g. ${_hbn_triple}-${_hbn_required}.")
+        endif ()
+    endforeach ()
+    set(_hbn_other_apis cuda opencl metal d3d12compute openglcompute)
+    list(REMOVE_ITEM _hbn_other_apis ${_hbn_backend})
+    foreach (_hbn_other IN LISTS _hbn_other_apis)
+        if (_hbn_other IN_LIST _hbn_features)
+            message(FATAL_ERROR "${_hbn_var} is '${_hbn_target}', which also names the GPU API "
+                                "'${_hbn_other}': a backend's target names one.")
+        endif ()
+    endforeach ()
+    if (NOT _hbn_target MATCHES "^${_hbn_triple}-")
+        message(FATAL_ERROR "${_hbn_var} is '${_hbn_target}', but building for "
+                            "${CMAKE_SYSTEM_PROCESSOR} takes ${_hbn_triple}-${_hbn_backend}[-feature...].")
+    endif ()
+endforeach ()
+message(STATUS "hbn backends: ${HBN_BACKENDS}")
+
 # Schedule source: the generators' manual schedules, or one of Halide 14's
 # autoschedulers (the generators then stop after their estimates). The
 # autoschedulers are plugins that the generator loads (-p), so they must be
@@ -185,29 +247,39 @@ function(_hbn_absorb_objects consumer halide_target)
     add_dependencies(${consumer} ${halide_target})
 endfunction()
 
-# hbn_add_pipeline(<consumer> <pipeline> <data_type> <layout> <threading>)
-#   builds hbn_batch_norm_<pipeline>_<data_type>_<layout>_<threading> from the
-#   batch_norm_<pipeline> generator (threading: parallel or serial), links it
-#   into <consumer>, and lists its header in hbn_kernels.h.
-function(hbn_add_pipeline consumer pipeline data_type layout threading)
-    set(name hbn_batch_norm_${pipeline}_${data_type}_${layout}_${threading})
+# hbn_add_pipeline(<consumer> <pipeline> <data_type> <layout> <variant>)
+#   builds hbn_batch_norm_<pipeline>_<data_type>_<layout>_<variant> from the
+#   batch_norm_<pipeline> generator (variant: parallel or serial on the CPU,
+#   or a GPU backend, opencl or cuda), links it into <consumer>, and lists its
+#   header in hbn_kernels.h.
+function(hbn_add_pipeline consumer pipeline data_type layout variant)
+    set(name hbn_batch_norm_${pipeline}_${data_type}_${layout}_${variant})
     get_property(runtime GLOBAL PROPERTY HBN_HALIDE_RUNTIME)
     if (runtime)
         set(use_runtime USE_RUNTIME ${runtime})
     else ()
         set(use_runtime "")
     endif ()
-    if (threading STREQUAL "parallel")
-        set(parallel true)
-        set(cores ${HBN_SCHEDULE_CORES})
-    else ()
+    set(targets ${HBN_HALIDE_TARGETS})
+    set(parallel true)
+    set(cores ${HBN_SCHEDULE_CORES})
+    if (variant STREQUAL "serial")
         set(parallel false)
         set(cores 1)
+    elseif (NOT variant STREQUAL "parallel")
+        string(TOUPPER "HBN_${variant}_TARGET" target_var)
+        set(targets ${${target_var}})
     endif ()
     # With an autoscheduler, `parallel` (a manual-schedule parameter) is
     # unused: the serial build is autoscheduled for a one-core machine, for
     # which Adams2019 and Mullapudi2016 emit no parallel loops (Li2018 does).
-    _hbn_autoscheduler_target(autoscheduler)
+    # The GPU libraries keep their manual schedules: of the three, only
+    # Li2018 schedules for GPUs.
+    if (variant MATCHES "^(parallel|serial)$")
+        _hbn_autoscheduler_target(autoscheduler)
+    else ()
+        set(autoscheduler "")
+    endif ()
     if (autoscheduler)
         set(autoschedule AUTOSCHEDULER ${autoscheduler})
         set(machine_params machine_params=${cores},${HBN_SCHEDULE_LLC_BYTES},40)
@@ -217,7 +289,7 @@ function(hbn_add_pipeline consumer pipeline data_type layout threading)
     endif ()
     add_halide_library(${name} FROM hbn_generators
                        GENERATOR batch_norm_${pipeline}
-                       TARGETS ${HBN_HALIDE_TARGETS}
+                       TARGETS ${targets}
                        FEATURES ${HBN_HALIDE_FEATURES}
                        PARAMS data_type=${data_type} layout=${layout} parallel=${parallel}
                               ${machine_params}
@@ -229,14 +301,32 @@ function(hbn_add_pipeline consumer pipeline data_type layout threading)
         _hbn_absorb_objects(${consumer} ${name}.runtime)
     endif ()
     _hbn_absorb_objects(${consumer} ${name})
+    if (variant STREQUAL "cuda")
+        get_target_property(objects ${name} SOURCES)
+        list(TRANSFORM objects PREPEND "${CMAKE_CURRENT_BINARY_DIR}/")
+        set_property(GLOBAL APPEND PROPERTY HBN_CUDA_OBJECTS ${objects})
+    endif ()
     target_include_directories(${consumer} PRIVATE ${CMAKE_CURRENT_BINARY_DIR})
     set_property(GLOBAL APPEND PROPERTY HBN_KERNEL_HEADERS ${name}.h)
 endfunction()
 
-# Writes hbn_kernels.h, which includes every generated header.
+# Writes hbn_kernels.h, which includes every generated header and defines
+# HBN_BACKEND_<NAME> for each GPU backend built.
 function(hbn_write_kernel_header)
     get_property(headers GLOBAL PROPERTY HBN_KERNEL_HEADERS)
     set(text "// Generated by cmake/hbn_pipelines.cmake: every kernel's header.\n#pragma once\n")
+    foreach (backend IN LISTS HBN_GPU_BACKENDS)
+        string(TOUPPER "${backend}" backend)
+        string(APPEND text "#define HBN_BACKEND_${backend} 1\n")
+    endforeach ()
+    # The compute capability the CUDA kernels need (Halide's default: 2.0).
+    if ("cuda" IN_LIST HBN_GPU_BACKENDS)
+        set(capability 20)
+        if (HBN_CUDA_TARGET MATCHES "cuda_capability_([0-9]+)")
+            set(capability ${CMAKE_MATCH_1})
+        endif ()
+        string(APPEND text "#define HBN_CUDA_CAPABILITY ${capability}\n")
+    endif ()
     foreach (header IN LISTS headers)
         string(APPEND text "#include \"${header}\"\n")
     endforeach ()

@@ -1,6 +1,6 @@
 // Pieces shared by the batch-norm generators: how a layout maps onto buffer
-// dimensions, the normalization itself, and the CPU schedule of the
-// elementwise pass.
+// dimensions, how the data type is stored, the normalization itself, and the
+// CPU and GPU schedules of the elementwise pass.
 #pragma once
 
 #include "Halide.h"
@@ -53,6 +53,27 @@ Expr values_per_channel(const InputBuffer &input, Layout layout) {
 }
 
 
+// float32 to the bits of the nearest float16 (ties to even; denormals,
+// infinities and NaN included). Halide's Internal::float32_to_float16 gives a
+// Float(16) value, which is what OpenCL C cannot name without cl_half.
+inline Expr float32_to_float16_bits(const Expr &value) {
+    const Expr bits = reinterpret(UInt(32), strict_float(value));
+    const Expr sign = cast<uint16_t>((bits >> 16) & 0x8000);
+    const Expr magnitude = bits & 0x7fffffff;
+    // Below 2^-14 the result is denormal; adding 0.5 puts float16's denormal
+    // step (2^-24) at the float's last mantissa bit, so the addition rounds.
+    const Expr denormal = cast<uint16_t>(
+        reinterpret(UInt(32), strict_float(reinterpret(Float(32), magnitude) + 0.5f)) - 0x3f000000);
+    // Rebias the exponent and round the 13 dropped bits to nearest even;
+    // a carry out of the mantissa correctly reaches infinity.
+    const Expr odd = (magnitude >> 13) & 1;
+    const Expr normal = cast<uint16_t>((magnitude - 0x38000000 + 0xfff + odd) >> 13);
+    const Expr inf_or_nan = select(magnitude > 0x7f800000, cast<uint16_t>(0x7e00), cast<uint16_t>(0x7c00));
+    return sign | select(magnitude >= 0x47800000, inf_or_nan,
+                         magnitude < 0x38800000, denormal,
+                         normal);
+}
+
 // What both pipelines share: the data type and layout they are built for,
 // the serial or parallel build, the data tensor in and out, and estimates.
 template<typename T>
@@ -71,13 +92,30 @@ public:
     GeneratorOutput<Buffer<>> output{"output"};
 
     void configure() {
-        input.set_type(data_type);
+        input.set_type(storage_type());
         input.set_dimensions(data_dimensions(layout));
-        output.set_type(data_type);
+        output.set_type(storage_type());
         output.set_dimensions(data_dimensions(layout));
     }
 
 protected:
+    // On OpenCL, float16 data travels as its bits (uint16) and is converted
+    // in the kernel: Halide 14's OpenCL C declares `half` only under cl_half,
+    // which many devices (PoCL, NVIDIA's OpenCL) lack.
+    bool half_as_bits() const {
+        return Type(data_type) == Float(16) && this->get_target().has_feature(Target::OpenCL);
+    }
+    Type storage_type() const {
+        return half_as_bits() ? UInt(16) : Type(data_type);
+    }
+    // A stored data value as float32, and a float32 value as stored.
+    Expr load_float(const Expr &stored) const {
+        return half_as_bits() ? Internal::float16_to_float32(stored) : cast<float>(stored);
+    }
+    Expr to_storage(const Expr &value) const {
+        return half_as_bits() ? float32_to_float16_bits(value) : cast(data_type, value);
+    }
+
     // Estimates: the mid-size benchmark tensor, 32x64x56x56.
     static constexpr int estimated_channels = 64;
 
@@ -91,11 +129,11 @@ protected:
     }
 };
 
-// y = (x - mean) * scale + bias, computed in float32 whatever the storage
-// type. Subtracting the mean first (rather than folding it into the bias)
-// makes a constant channel give exactly bias.
+// y = (x - mean) * scale + bias, in float32 whatever the storage type.
+// Subtracting the mean first (rather than folding it into the bias) makes a
+// constant channel give exactly bias.
 inline Expr normalized(const Expr &x, const Expr &mean, const Expr &scale, const Expr &bias) {
-    return (cast<float>(x) - mean) * scale + bias;
+    return (x - mean) * scale + bias;
 }
 
 // CPU schedule of the elementwise pass writing `output`: vectorized along
@@ -114,6 +152,21 @@ inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout
     }
     if (parallel) {
         output.parallel(row_block);
+    }
+}
+
+// GPU schedule of the elementwise pass: a thread per element, neighbouring
+// threads on neighbouring addresses (the dense axis) so accesses coalesce.
+inline void schedule_normalize_gpu(Func output, const DataVars &v, Layout layout) {
+    Var block_x{"block_x"}, block_y{"block_y"}, thread_x{"thread_x"}, thread_y{"thread_y"};
+    if (layout == Layout::NCHW) {
+        Var rows{"rows"};
+        output.fuse(v.c, v.n, rows)
+            .gpu_tile(v.inner, rows, block_x, block_y, thread_x, thread_y, 64, 4,
+                      TailStrategy::GuardWithIf);
+    } else {
+        output.gpu_tile(v.c, v.m, block_x, block_y, thread_x, thread_y, 32, 8,
+                        TailStrategy::GuardWithIf);
     }
 }
 

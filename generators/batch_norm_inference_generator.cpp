@@ -22,8 +22,8 @@ public:
         // Algorithm
         Func scale{"scale"};
         scale(v.c) = weight(v.c) / sqrt(running_var(v.c) + eps);
-        output(v.args) = cast(data_type,
-                              normalized(input(v.args), running_mean(v.c), scale(v.c), bias(v.c)));
+        output(v.args) = to_storage(
+            normalized(load_float(input(v.args)), running_mean(v.c), scale(v.c), bias(v.c)));
 
         // Estimates
         set_data_estimates();
@@ -36,8 +36,14 @@ public:
         if (auto_schedule) {
             return;
         }
-        scale.compute_root();
-        schedule_normalize_cpu(output, v, layout, parallel, get_target());
+        if (get_target().has_gpu_feature()) {
+            // Inlined: recomputing the scale in every thread is cheaper than
+            // a kernel launch for it.
+            schedule_normalize_gpu(output, v, layout);
+        } else {
+            scale.compute_root();
+            schedule_normalize_cpu(output, v, layout, parallel, get_target());
+        }
     }
 };
 

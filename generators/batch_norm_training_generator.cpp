@@ -28,9 +28,9 @@ public:
         const bool nchw = layout == Layout::NCHW;
         RDom r = nchw ? RDom(0, input.dim(0).extent(), 0, input.dim(2).extent())
                       : RDom(0, input.dim(1).extent());
-        const Expr channel_value = nchw ? input(r.x, c, r.y) : input(c, r.x);
+        const Expr channel_value = load_float(nchw ? input(r.x, c, r.y) : input(c, r.x));
         Func shift{"shift"};
-        shift(c) = cast<double>(nchw ? input(0, c, 0) : input(c, 0));
+        shift(c) = cast<double>(load_float(nchw ? input(0, c, 0) : input(c, 0)));
 
         // Shifted sums accumulated in double: sum(d) and sum(d^2) with
         // d = x - shift. Double keeps E[d^2] - E[d]^2 exact to ~1e-9 even for
@@ -55,8 +55,8 @@ public:
 
         Func scale{"scale"};
         scale(c) = weight(c) * statistics(c)[2];
-        output(v.args) = cast(data_type,
-                              normalized(input(v.args), statistics(c)[0], scale(c), bias(c)));
+        output(v.args) = to_storage(
+            normalized(load_float(input(v.args)), statistics(c)[0], scale(c), bias(c)));
 
         // Estimates
         set_data_estimates();
@@ -74,7 +74,48 @@ public:
         }
         const int vector_size = get_target().natural_vector_size<float>();
 
-        if (nchw) {
+        if (get_target().has_gpu_feature()) {
+            // Statistics in two kernels: partial sums over slices of each
+            // channel, in parallel over channels and slices, then a thread
+            // per channel adds its partials. Threads on neighbouring
+            // addresses, so that loads coalesce.
+            Var part{"part"}, c_block{"c_block"}, c_thread{"c_thread"};
+            Func partial_sums;
+            if (nchw) {
+                // A block per channel; its threads stride through the
+                // channel's values as one flat range, whatever inner and N.
+                RVar flat, flat_outer, flat_lane;
+                partial_sums = sums.update()
+                                   .fuse(r.x, r.y, flat)
+                                   .split(flat, flat_outer, flat_lane, 256, TailStrategy::GuardWithIf)
+                                   .rfactor(flat_lane, part);
+                partial_sums.compute_root().reorder(part, c).gpu_blocks(c).gpu_threads(part);
+                partial_sums.update().reorder(flat_outer, part, c).gpu_blocks(c).gpu_threads(part);
+            } else {
+                // A block per (slice of rows, group of channels); a thread
+                // per channel runs down the rows.
+                RVar row_slice, row;
+                partial_sums = sums.update()
+                                   .split(r.x, row_slice, row, 256, TailStrategy::GuardWithIf)
+                                   .rfactor(row_slice, part);
+                partial_sums.compute_root()
+                    .split(c, c_block, c_thread, 64, TailStrategy::GuardWithIf)
+                    .gpu_blocks(c_block, part)
+                    .gpu_threads(c_thread);
+                partial_sums.update()
+                    .split(c, c_block, c_thread, 64, TailStrategy::GuardWithIf)
+                    .reorder(row, c_thread, c_block, part)
+                    .gpu_blocks(c_block, part)
+                    .gpu_threads(c_thread);
+            }
+            for (Func per_channel : {Func(sums), statistics, Func(batch_mean), Func(batch_var),
+                                     Func(batch_inv_std)}) {
+                per_channel.gpu_tile(c, c_block, c_thread, 64, TailStrategy::GuardWithIf);
+            }
+            sums.compute_root().update().gpu_tile(c, c_block, c_thread, 64, TailStrategy::GuardWithIf);
+            statistics.compute_root();
+            schedule_normalize_gpu(output, v, layout);
+        } else if (nchw) {
             // Channel by channel: a channel's slab (N * inner values) is read
             // once for its statistics and again, from cache, to normalize.
             output.reorder(v.inner, v.n, v.c)

@@ -4,13 +4,22 @@
 #include "hbn/batch_norm.h"
 
 #include "HalideRuntime.h"
+#include "backend.h"
 #include "float16.h"
+#include "halide_call.h"
 #include "hbn_kernels.h"
+
+#ifdef HBN_BACKEND_OPENCL
+#include "HalideRuntimeOpenCL.h"
+#endif
+#ifdef HBN_BACKEND_CUDA
+#include "HalideRuntimeCuda.h"
+#endif
 
 #include <array>
 #include <cmath>
 #include <limits>
-#include <mutex>
+#include <optional>
 #include <sstream>
 
 namespace hbn {
@@ -63,6 +72,27 @@ void check_dims_and_data(const Tensor &t, const char *name) {
     if (t.data == nullptr && element_count(t) != 0) {
         fail(ErrorKind::ValueError, std::string(name) + ".data is null but its shape " +
                                         shape_string(t.shape) + " is not empty");
+    }
+}
+
+const char *memory_name(Memory memory) {
+    switch (memory) {
+    case Memory::Host: return "host";
+    case Memory::OpenCL: return "OpenCL";
+    case Memory::CUDA: return "CUDA";
+    }
+    return "unknown";
+}
+
+// Device memory is for the data tensors only: the per-channel ones are read
+// and committed by the host.
+void check_memory(const Tensor &t, const char *name, bool device_allowed) {
+    if (t.memory != Memory::Host && t.memory != Memory::OpenCL && t.memory != Memory::CUDA) {
+        fail(ErrorKind::ValueError, std::string(name) + ".memory is not a known Memory");
+    }
+    if (!device_allowed && t.memory != Memory::Host) {
+        fail(ErrorKind::ValueError, std::string(name) + " is " + memory_name(t.memory) +
+                                        " memory; per-channel tensors must be host memory");
     }
 }
 
@@ -130,13 +160,8 @@ DataView validate(const Tensor &x, const Tensor &running_mean, const Tensor &run
     if (options.layout != Layout::NCHW && options.layout != Layout::NHWC) {
         fail(ErrorKind::ValueError, "options.layout is not NCHW or NHWC");
     }
-    if (options.device == Device::OpenCL || options.device == Device::CUDA) {
-        fail(ErrorKind::RuntimeError,
-             std::string("options.device: the ") +
-                 (options.device == Device::OpenCL ? "OpenCL" : "CUDA") +
-                 " backend is not built into this hbn; use Device::CPU or Device::Auto");
-    }
-    if (options.device != Device::Auto && options.device != Device::CPU) {
+    if (options.device != Device::Auto && options.device != Device::CPU &&
+        options.device != Device::OpenCL && options.device != Device::CUDA) {
         fail(ErrorKind::ValueError, "options.device is not a known Device");
     }
 
@@ -177,9 +202,17 @@ DataView validate(const Tensor &x, const Tensor &running_mean, const Tensor &run
                                         " differs from input_x shape " + shape_string(x.shape));
     }
     check_dims_and_data(output, "output");
+    check_memory(x, "input_x", true);
+    check_memory(output, "output", true);
+    if (output.memory != x.memory) {
+        fail(ErrorKind::ValueError, std::string("output is ") + memory_name(output.memory) +
+                                        " memory but input_x is " + memory_name(x.memory) +
+                                        " memory; they must live in the same place");
+    }
     const DataView view = view_of(x, options.layout);
     for (const auto &[param, name] : params) {
         check_channel_vector(*param, name, view.channels);
+        check_memory(*param, name, false);
     }
     if (training && view.values_per_channel() < 2) {
         fail(ErrorKind::ValueError,
@@ -194,12 +227,17 @@ void check_saved_statistic(const Tensor &t, const char *name, int64_t channels) 
         fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float32");
     }
     check_channel_vector(t, name, channels);
+    check_memory(t, name, false);
 }
 
 // ---------------------------------------------------------------------------
 // Halide buffers over the caller's memory.
 
-halide_type_t halide_type_of(DType dtype) {
+// The OpenCL kernels take float16 data as its bits (see batch_norm_common.h).
+halide_type_t halide_type_of(DType dtype, Device device = Device::CPU) {
+    if (dtype == DType::Float16 && device == Device::OpenCL) {
+        return {halide_type_uint, 16, 1};
+    }
     return {halide_type_float, static_cast<uint8_t>(dtype == DType::Float16 ? 16 : 32), 1};
 }
 
@@ -207,9 +245,12 @@ struct HalideBuffer {
     halide_buffer_t buffer{};
     std::array<halide_dimension_t, 3> dims{};
 
-    HalideBuffer(void *data, DType dtype, const DataView &v) {
-        buffer.host = static_cast<uint8_t *>(data);
-        buffer.type = halide_type_of(dtype);
+    // A data tensor; device memory is attached by GpuCall.
+    HalideBuffer(const Tensor &t, const DataView &v, Device device) {
+        if (t.memory == Memory::Host) {
+            buffer.host = static_cast<uint8_t *>(t.data);
+        }
+        buffer.type = halide_type_of(t.dtype, device);
         const auto c = static_cast<int32_t>(v.channels);
         if (v.nchw) {
             const auto inner = static_cast<int32_t>(v.inner);
@@ -265,61 +306,191 @@ private:
 };
 
 // ---------------------------------------------------------------------------
-// Halide errors: the runtime reports through one process-wide handler; the
-// user_context of each call says whose error it is.
+// A call on a GPU backend. Host buffers are marked host-dirty, so that the
+// pipeline copies them in, and its results are copied back; device memory is
+// wrapped and used in place. Whatever happens, the device allocations are
+// freed and the wraps undone.
 
-struct CallContext {
-    std::string halide_message;
+// A buffer of the call, and the caller's data tensor behind it (null for the
+// per-channel ones, which are always host memory).
+struct CallBuffer {
+    halide_buffer_t *buffer;
+    const Tensor *tensor = nullptr;
 };
 
-void halide_error_to_context(void *user_context, const char *message) {
-    if (user_context != nullptr) {
-        static_cast<CallContext *>(user_context)->halide_message += message;
-    }
-}
+class GpuCall {
+public:
+    GpuCall(Device device, internal::CallContext &context) : device_(device), context_(context) {}
+    GpuCall(const GpuCall &) = delete;
+    GpuCall &operator=(const GpuCall &) = delete;
 
-void install_error_handler() {
-    static std::once_flag once;
-    std::call_once(once, [] { halide_set_error_handler(halide_error_to_context); });
-}
-
-void check_status(int status, const CallContext &context, const char *pipeline) {
-    if (status != 0) {
-        std::string message = context.halide_message;
-        while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) {
-            message.pop_back();
+    // Apart from the constructor, so that a failure here still runs the
+    // destructor.
+    void attach(std::initializer_list<CallBuffer> inputs, std::initializer_list<CallBuffer> outputs) {
+        for (const CallBuffer &b : inputs) {
+            add(b, false);
         }
-        fail(ErrorKind::RuntimeError, std::string(pipeline) + " failed (Halide error " +
-                                          std::to_string(status) + "): " + message);
+        for (const CallBuffer &b : outputs) {
+            add(b, true);
+        }
+    }
+
+    // After the pipeline succeeded: results to the host, or finished in place.
+    void finish() {
+        for (const Entry &e : entries_) {
+            if (e.output) {
+                const int status = e.wrapped ? halide_device_sync(&context_, e.buffer)
+                                             : halide_copy_to_host(&context_, e.buffer);
+                internal::check_status(status, context_, "hbn::batch_norm: reading back the results");
+            }
+        }
+    }
+
+    ~GpuCall() {
+        for (const Entry &e : entries_) {
+            if (e.wrapped) {
+                detach(e.buffer);
+            } else if (e.buffer->device != 0) {
+                halide_device_free(&context_, e.buffer);
+            }
+        }
+    }
+
+private:
+    struct Entry {
+        halide_buffer_t *buffer;
+        bool output, wrapped;
+    };
+
+    void add(const CallBuffer &b, bool output) {
+        const bool device_memory = b.tensor != nullptr && b.tensor->memory != Memory::Host;
+        if (device_memory) {
+            internal::check_status(wrap(b.buffer, b.tensor->data), context_,
+                                   "hbn::batch_norm: attaching device memory");
+        } else if (!output) {
+            b.buffer->flags |= halide_buffer_flag_host_dirty;
+        }
+        entries_.push_back({b.buffer, output, device_memory});  // after a successful wrap
+    }
+
+    int wrap(halide_buffer_t *buffer, void *memory) {
+        const auto handle = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(memory));
+#ifdef HBN_BACKEND_OPENCL
+        if (device_ == Device::OpenCL) {
+            return halide_opencl_wrap_cl_mem(&context_, buffer, handle);
+        }
+#endif
+#ifdef HBN_BACKEND_CUDA
+        if (device_ == Device::CUDA) {
+            return halide_cuda_wrap_device_ptr(&context_, buffer, handle);
+        }
+#endif
+        (void)buffer, (void)handle;
+        return -1;  // unreachable: validation matched the memory to a built backend
+    }
+
+    void detach(halide_buffer_t *buffer) {
+#ifdef HBN_BACKEND_OPENCL
+        if (device_ == Device::OpenCL) {
+            halide_opencl_detach_cl_mem(&context_, buffer);
+        }
+#endif
+#ifdef HBN_BACKEND_CUDA
+        if (device_ == Device::CUDA) {
+            halide_cuda_detach_device_ptr(&context_, buffer);
+        }
+#endif
+        (void)buffer;
+    }
+
+    Device device_;
+    internal::CallContext &context_;
+    std::vector<Entry> entries_;
+};
+
+// Runs `pipeline(user_context)`, on a GPU backend with its buffers attached
+// around it, and throws RuntimeError naming `what` if it fails.
+template<typename Pipeline>
+void call_pipeline(Device device, std::initializer_list<CallBuffer> inputs,
+                   std::initializer_list<CallBuffer> outputs, const Pipeline &pipeline,
+                   const char *what) {
+    internal::CallContext context;
+    std::optional<GpuCall> gpu;
+    if (device != Device::CPU) {
+        gpu.emplace(device, context);
+        gpu->attach(inputs, outputs);
+    }
+    internal::check_status(pipeline(&context), context, what);
+    if (gpu) {
+        gpu->finish();
     }
 }
 
-// Generated functions, indexed by [dtype][nchw][parallel].
+// ---------------------------------------------------------------------------
+// The generated functions.
+
 using InferenceFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
                             halide_buffer_t *, halide_buffer_t *, float, halide_buffer_t *);
 using TrainingFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
                            float, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
                            halide_buffer_t *);
 
-#define HBN_KERNELS(pipeline, type)                                                             \
+// CPU kernels, indexed by [dtype][nchw][parallel].
+#define HBN_CPU_KERNELS(pipeline, type)                                                         \
     {                                                                                           \
         {hbn_batch_norm_##pipeline##_##type##_nhwc_serial,                                      \
          hbn_batch_norm_##pipeline##_##type##_nhwc_parallel},                                   \
         {hbn_batch_norm_##pipeline##_##type##_nchw_serial,                                      \
          hbn_batch_norm_##pipeline##_##type##_nchw_parallel},                                   \
     }
-constexpr InferenceFn inference_fns[2][2][2] = {HBN_KERNELS(inference, float16),
-                                                HBN_KERNELS(inference, float32)};
-constexpr TrainingFn training_fns[2][2][2] = {HBN_KERNELS(training, float16),
-                                              HBN_KERNELS(training, float32)};
-#undef HBN_KERNELS
+constexpr InferenceFn cpu_inference_fns[2][2][2] = {HBN_CPU_KERNELS(inference, float16),
+                                                    HBN_CPU_KERNELS(inference, float32)};
+constexpr TrainingFn cpu_training_fns[2][2][2] = {HBN_CPU_KERNELS(training, float16),
+                                                  HBN_CPU_KERNELS(training, float32)};
+#undef HBN_CPU_KERNELS
 
-// Below this many elements a call runs on the serial kernels: waking the
+// GPU kernels of a backend, indexed by [dtype][nchw].
+#define HBN_GPU_KERNELS(pipeline, backend)                                                      \
+    {                                                                                           \
+        {hbn_batch_norm_##pipeline##_float16_nhwc_##backend,                                    \
+         hbn_batch_norm_##pipeline##_float16_nchw_##backend},                                   \
+        {hbn_batch_norm_##pipeline##_float32_nhwc_##backend,                                    \
+         hbn_batch_norm_##pipeline##_float32_nchw_##backend},                                   \
+    }
+#ifdef HBN_BACKEND_OPENCL
+constexpr InferenceFn opencl_inference_fns[2][2] = HBN_GPU_KERNELS(inference, opencl);
+constexpr TrainingFn opencl_training_fns[2][2] = HBN_GPU_KERNELS(training, opencl);
+#endif
+#ifdef HBN_BACKEND_CUDA
+constexpr InferenceFn cuda_inference_fns[2][2] = HBN_GPU_KERNELS(inference, cuda);
+constexpr TrainingFn cuda_training_fns[2][2] = HBN_GPU_KERNELS(training, cuda);
+#endif
+#undef HBN_GPU_KERNELS
+
+// Below this many elements a CPU call runs on the serial kernels: waking the
 // thread pool costs more than the work.
 constexpr int64_t serial_threshold = 16 * 1024;
 
-int dtype_index(DType dtype) {
-    return dtype == DType::Float32 ? 1 : 0;
+struct Kernels {
+    InferenceFn inference = nullptr;
+    TrainingFn training = nullptr;
+};
+
+Kernels kernels_for(Device device, DType dtype, const DataView &view) {
+    const int type = dtype == DType::Float32 ? 1 : 0;
+    const bool nchw = view.nchw;
+#ifdef HBN_BACKEND_OPENCL
+    if (device == Device::OpenCL) {
+        return {opencl_inference_fns[type][nchw], opencl_training_fns[type][nchw]};
+    }
+#endif
+#ifdef HBN_BACKEND_CUDA
+    if (device == Device::CUDA) {
+        return {cuda_inference_fns[type][nchw], cuda_training_fns[type][nchw]};
+    }
+#endif
+    const bool parallel = view.values_per_channel() * view.channels >= serial_threshold;
+    return {cpu_inference_fns[type][nchw][parallel], cpu_training_fns[type][nchw][parallel]};
 }
 
 template<typename T>
@@ -344,26 +515,32 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
         check_saved_statistic(*saved_mean, "saved_mean", view.channels);
         check_saved_statistic(*saved_inv_std, "saved_inv_std", view.channels);
     }
+    const Device device = internal::backend_for_call(options.device, x.memory);
     const int64_t channels = view.channels;
     if (channels == 0 || view.values_per_channel() == 0) {
         return;  // nothing to normalize, nothing to learn
     }
-    install_error_handler();
+    internal::install_error_handler();
 
-    HalideBuffer input_buffer(x.data, x.dtype, view);
-    HalideBuffer output_buffer(output.data, output.dtype, view);
+    HalideBuffer input_buffer(x, view, device);
+    HalideBuffer output_buffer(output, view, device);
     ChannelFloats weight_f32(weight, channels), bias_f32(bias, channels);
     const auto eps = static_cast<float>(options.eps);
-    const int type = dtype_index(x.dtype);
-    const bool parallel = view.values_per_channel() * channels >= serial_threshold;
-    CallContext context;
+    const Kernels kernels = kernels_for(device, x.dtype, view);
 
     if (!training) {
         ChannelFloats mean_f32(running_mean, channels), var_f32(running_var, channels);
-        const int status = inference_fns[type][view.nchw][parallel](
-            &context, input_buffer.get(), mean_f32.buffer(), var_f32.buffer(), weight_f32.buffer(),
-            bias_f32.buffer(), eps, output_buffer.get());
-        check_status(status, context, "inference pipeline");
+        call_pipeline(
+            device,
+            {{input_buffer.get(), &x}, {mean_f32.buffer()}, {var_f32.buffer()}, {weight_f32.buffer()},
+             {bias_f32.buffer()}},
+            {{output_buffer.get(), &output}},
+            [&](void *context) {
+                return kernels.inference(context, input_buffer.get(), mean_f32.buffer(),
+                                         var_f32.buffer(), weight_f32.buffer(), bias_f32.buffer(),
+                                         eps, output_buffer.get());
+            },
+            "hbn::batch_norm: inference pipeline");
         return;
     }
 
@@ -375,10 +552,15 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
     float *var = scratch.data() + 2 * channels;
     HalideBuffer mean_buffer(mean, channels), var_buffer(var, channels),
         inv_std_buffer(inv_std, channels);
-    const int status = training_fns[type][view.nchw][parallel](
-        &context, input_buffer.get(), weight_f32.buffer(), bias_f32.buffer(), eps,
-        output_buffer.get(), mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
-    check_status(status, context, "training pipeline");
+    call_pipeline(
+        device, {{input_buffer.get(), &x}, {weight_f32.buffer()}, {bias_f32.buffer()}},
+        {{output_buffer.get(), &output}, {mean_buffer.get()}, {var_buffer.get()}, {inv_std_buffer.get()}},
+        [&](void *context) {
+            return kernels.training(context, input_buffer.get(), weight_f32.buffer(),
+                                    bias_f32.buffer(), eps, output_buffer.get(), mean_buffer.get(),
+                                    var_buffer.get(), inv_std_buffer.get());
+        },
+        "hbn::batch_norm: training pipeline");
 
     const ChannelFloats old_mean(running_mean, channels), old_var(running_var, channels);
     const double momentum = options.momentum;

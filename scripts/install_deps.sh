@@ -5,10 +5,13 @@
 # (scripts/test_arm.sh builds GoogleTest from googletest's sources).
 set -euo pipefail
 
-packages=(cmake ninja-build gcc g++ libhalide14-0-dev)
+# ocl-icd-opencl-dev: the OpenCL headers the build needs and the libOpenCL.so
+# that Halide's runtime opens; pocl-opencl-icd: an OpenCL device on the CPU,
+# on which the tests run the OpenCL backend; python3: the PTX test.
+packages=(cmake ninja-build gcc g++ libhalide14-0-dev ocl-icd-opencl-dev)
 case "${1:-test}" in
     demo) ;;
-    test) packages+=(libgtest-dev) ;;
+    test) packages+=(libgtest-dev pocl-opencl-icd python3) ;;
     arm) packages+=(libgtest-dev googletest g++-aarch64-linux-gnu qemu-user) ;;
     bench) packages+=(libbenchmark-dev libdnnl-dev libtorch-dev python3-matplotlib) ;;
     *) echo "usage: $0 [demo|test|arm|bench]" >&2; exit 2 ;;

@@ -56,15 +56,17 @@ public:
         }
         return out;
     }
-    // Changes the dtype tag only (to build an invalid tensor).
+    // Change the dtype or memory tag only (to build an invalid tensor).
     void relabel(hbn::DType dtype) { dtype_ = dtype; }
-    hbn::Tensor view() { return {bytes_.empty() ? nullptr : bytes_.data(), dtype_, shape_}; }
+    void relabel(hbn::Memory memory) { memory_ = memory; }
+    hbn::Tensor view() { return {bytes_.empty() ? nullptr : bytes_.data(), dtype_, shape_, memory_}; }
     const std::vector<unsigned char> &bytes() const { return bytes_; }
 
 private:
     size_t element_size() const { return dtype_ == hbn::DType::Float32 ? 4 : 2; }
 
     hbn::DType dtype_ = hbn::DType::Float32;
+    hbn::Memory memory_ = hbn::Memory::Host;
     std::vector<int64_t> shape_;
     std::vector<unsigned char> bytes_;
 };
@@ -127,6 +129,16 @@ struct BatchNormCase {
                         output.view(), options);
     }
 };
+
+// Skips a test about the CPU kernels when the suite runs on a GPU backend
+// (ctest's HBN_DEVICE).
+#define HBN_SKIP_UNLESS_ON_CPU(why)                                                           \
+    do {                                                                                      \
+        if (hbn::auto_device() != hbn::Device::CPU) {                                         \
+            GTEST_SKIP() << "the suite runs on " << hbn::device_name(hbn::auto_device())     \
+                         << ", and " << why;                                                  \
+        }                                                                                     \
+    } while (0)
 
 // |actual - expected| <= tolerance * (1 + |expected|), NaN only where expected.
 inline void expect_close(const std::vector<double> &actual, const std::vector<double> &expected,

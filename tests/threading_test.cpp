@@ -69,6 +69,7 @@ int counting_do_par_for(void *user_context, halide_task_t task, int min, int siz
 // Per-call latency of tiny tensors: they must not wake the thread pool, while
 // large ones must use it.
 TEST(Threading, TinyTensorsRunWithoutTheThreadPool) {
+    HBN_SKIP_UNLESS_ON_CPU("only the CPU kernels use the thread pool");
     const halide_do_par_for_t previous = halide_set_custom_do_par_for(counting_do_par_for);
     for (bool training : {false, true}) {
         for (Layout layout : {Layout::NCHW, Layout::NHWC}) {

@@ -99,8 +99,20 @@ INSTANTIATE_TEST_SUITE_P(
                     t.x = HostTensor(DType::Float32, {1, 3}, {1, 2, 3});
                     t.output = HostTensor(DType::Float32, {1, 3}, {0, 0, 0});
                 }},
-        BadCall{"opencl_not_built", ErrorKind::RuntimeError, "device", false,
-                [](auto &t) { t.options.device = hbn::Device::OpenCL; }}),
+        BadCall{"unknown_device", ErrorKind::ValueError, "options.device", false,
+                [](auto &t) { t.options.device = static_cast<hbn::Device>(9); }},
+        BadCall{"unknown_memory", ErrorKind::ValueError, "input_x.memory", false,
+                [](auto &t) { t.x.relabel(static_cast<hbn::Memory>(9)); }},
+        BadCall{"running_var_in_device_memory", ErrorKind::ValueError, "running_var", true,
+                [](auto &t) { t.running_var.relabel(hbn::Memory::OpenCL); }},
+        BadCall{"output_memory_differs", ErrorKind::ValueError, "output", false,
+                [](auto &t) { t.output.relabel(hbn::Memory::CUDA); }},
+        BadCall{"device_memory_on_cpu", ErrorKind::ValueError, "input_x", true,
+                [](auto &t) {
+                    t.x.relabel(hbn::Memory::OpenCL);
+                    t.output.relabel(hbn::Memory::OpenCL);
+                    t.options.device = hbn::Device::CPU;
+                }}),
     [](const auto &info) { return std::string(info.param.name); });
 
 // A failure inside a Halide pipeline (here: its heap scratch allocation
@@ -111,6 +123,8 @@ void *failing_malloc(void *, size_t) {
 }
 
 TEST(HalideErrors, PipelineFailureBecomesRuntimeError) {
+    HBN_SKIP_UNLESS_ON_CPU("GPU pipelines allocate device memory, not through halide_malloc "
+                           "(backend_test covers a failing OpenCL kernel build)");
     for (bool training : {false, true}) {
         const Layout layout = training ? Layout::NHWC : Layout::NCHW;
         BatchNormCase t({16, 40, 32, 32}, layout, DType::Float32, DType::Float32, training);

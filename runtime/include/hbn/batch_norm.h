@@ -15,15 +15,27 @@ enum class DType { Float16, Float32 };
 // NHWC: channel axis last: (N, C), (N, L, C), (N, H, W, C), ...
 enum class Layout { NCHW, NHWC };
 
-// Where the work runs. Auto and CPU run on the CPU; OpenCL and CUDA are not
-// built yet and raise RuntimeError.
+// Where the work runs. Auto runs where input_x's memory is when that is a
+// device's, else on auto_device(). An explicit OpenCL or CUDA with no usable
+// device raises RuntimeError saying what is missing.
 enum class Device { Auto, CPU, OpenCL, CUDA };
 
-// Non-owning view of a dense, row-major buffer in host memory.
+// Where a Tensor's memory lives, and what its data pointer is:
+//   Host:   a host pointer;
+//   OpenCL: a cl_mem, created in hbn's context (opencl_context());
+//   CUDA:   a CUdeviceptr (cast to void *), allocated in hbn's context
+//           (cuda_context()).
+// input_x and output may live on a device (then both on the same one, and the
+// call runs there with no copies); the per-channel tensors are host memory.
+// Host tensors given to a GPU backend are copied in and out.
+enum class Memory { Host, OpenCL, CUDA };
+
+// Non-owning view of a dense, row-major buffer.
 struct Tensor {
     void *data = nullptr;
     DType dtype = DType::Float32;
     std::vector<int64_t> shape;
+    Memory memory = Memory::Host;
 };
 
 struct BatchNormOptions {
@@ -71,5 +83,38 @@ void batch_norm_training(const Tensor &input_x, const Tensor &running_mean,
                          const Tensor &running_var, const Tensor &weight, const Tensor &bias,
                          const Tensor &output, const Tensor &saved_mean,
                          const Tensor &saved_inv_std, const BatchNormOptions &options = {});
+
+// Backends ------------------------------------------------------------------
+
+// What a backend can do in this process. Probed once, on first use, and
+// thread-safe.
+struct BackendStatus {
+    bool built = false;   // compiled into this hbn (CMake HBN_BACKENDS)
+    bool usable = false;  // built, with a driver and a device
+    std::string detail;   // the device it runs on, or what is missing
+};
+BackendStatus backend_status(Device device);
+
+// The backend Device::Auto runs on: CUDA when usable, else OpenCL when its
+// device is a GPU or an accelerator (an OpenCL CPU device, such as PoCL, is
+// slower than the CPU backend), else the CPU. The environment variable
+// HBN_DEVICE=cpu|opencl|cuda overrides the choice; HBN_LOG_DEVICE=1 prints it,
+// with every backend's status, to stderr when it is made.
+Device auto_device();
+
+const char *device_name(Device device);  // "Auto", "CPU", "OpenCL", "CUDA"
+
+// hbn's OpenCL context and command queue (cl_context, cl_command_queue), in
+// which to create Memory::OpenCL tensors. A call on OpenCL finishes its work
+// on this queue before it returns. RuntimeError when OpenCL is not usable.
+struct OpenCLContext {
+    void *context = nullptr;
+    void *queue = nullptr;
+};
+OpenCLContext opencl_context();
+
+// hbn's CUDA context (a CUcontext), in which to allocate Memory::CUDA
+// tensors. RuntimeError when CUDA is not usable.
+void *cuda_context();
 
 }  // namespace hbn

@@ -1,0 +1,34 @@
+#include "halide_call.h"
+
+#include "HalideRuntime.h"
+
+#include <mutex>
+
+namespace hbn::internal {
+namespace {
+
+void halide_error_to_context(void *user_context, const char *message) {
+    if (user_context != nullptr) {
+        static_cast<CallContext *>(user_context)->halide_message += message;
+    }
+}
+
+}  // namespace
+
+void install_error_handler() {
+    static std::once_flag once;
+    std::call_once(once, [] { halide_set_error_handler(halide_error_to_context); });
+}
+
+void check_status(int status, const CallContext &context, const std::string &what) {
+    if (status != 0) {
+        std::string message = context.halide_message;
+        while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) {
+            message.pop_back();
+        }
+        throw Error(ErrorKind::RuntimeError,
+                    what + " failed (Halide error " + std::to_string(status) + "): " + message);
+    }
+}
+
+}  // namespace hbn::internal

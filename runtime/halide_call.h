@@ -1,0 +1,25 @@
+// Calling into the Halide runtime without letting it abort: its errors reach
+// one process-wide handler, and the user_context of each call says whose
+// error it is.
+#pragma once
+
+#include "hbn/batch_norm.h"
+
+#include <string>
+
+namespace hbn::internal {
+
+// The user_context of every call into Halide.
+struct CallContext {
+    std::string halide_message;
+};
+
+// Routes Halide's errors into the failing call's CallContext (once per
+// process; call before the first Halide call).
+void install_error_handler();
+
+// Throws Error(RuntimeError) naming `what` and Halide's message when
+// `status` is not zero.
+void check_status(int status, const CallContext &context, const std::string &what);
+
+}  // namespace hbn::internal
