@@ -52,13 +52,21 @@ endif ()
 run(${CMAKE_COMMAND} -S "${WORK_DIR}/consumer" -B "${WORK_DIR}/consumer-build" -G Ninja
     -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix")
 run(${CMAKE_COMMAND} --build "${WORK_DIR}/consumer-build")
-run("${WORK_DIR}/consumer-build/app")
-message(STATUS "consumer printed:\n${run_output}")
-
-# The README example prints the documented inference output.
-foreach (expected "2.16212" "1.23601" "14.8106" "10.1801")
-    string(FIND "${run_output}" "${expected}" at)
-    if (at EQUAL -1)
-        message(FATAL_ERROR "consumer output lacks ${expected}:\n${run_output}")
+# The README example prints the documented inference output, on the CPU and
+# on each GPU backend built into the package (those usable here: OpenCL on
+# PoCL), which HBN_DEVICE selects.
+foreach (device IN ITEMS cpu ${HBN_GPU_BACKENDS})
+    if (device STREQUAL "cuda")
+        continue()  # no GPU here; tests/ptxas_check.py covers its kernels
     endif ()
+    run(${CMAKE_COMMAND} -E env HBN_DEVICE=${device} "${WORK_DIR}/consumer-build/app")
+    message(STATUS "consumer printed (HBN_DEVICE=${device}):\n${run_output}")
+    foreach (expected "2.16212" "1.23601" "14.8106" "10.1801" "ran on ${device}")
+        string(TOUPPER "${expected}" expected_upper)
+        string(TOUPPER "${run_output}" output_upper)
+        string(FIND "${output_upper}" "${expected_upper}" at)
+        if (at EQUAL -1)
+            message(FATAL_ERROR "consumer output (HBN_DEVICE=${device}) lacks ${expected}:\n${run_output}")
+        endif ()
+    endforeach ()
 endforeach ()
