@@ -15,7 +15,7 @@
 # The manual schedule is benchmarked the same way. State lives in
 # build/tune/<library>/: rerunning resumes (finished samples are kept),
 # --fresh starts over. It stops starting batches after --minutes (default 12;
-# the default 3 batches of 8 take about 6 minutes on the 2-core VM).
+# the default 6 batches of 16 take about 8 minutes on the 2-core VM).
 # The starting weights are Halide v14's baseline (Debian ships none):
 # ../shared/halide14/adams2019_baseline.weights, or --weights FILE.
 set -euo pipefail
@@ -25,7 +25,7 @@ die() { echo "autotune: $*" >&2; exit 2; }
 [[ $# -ge 1 && $1 != -* ]] || die "usage: $0 <library> [--batches N] [--batch-size N] [--minutes M] [--weights FILE] [--fresh]"
 library=$1
 shift
-batches=3 batch_size=8 minutes=12 fresh=0
+batches=6 batch_size=16 minutes=12 fresh=0
 weights=../shared/halide14/adams2019_baseline.weights
 while (($#)); do
     case $1 in
