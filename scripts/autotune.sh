@@ -191,7 +191,8 @@ unique=$(grep -c '^Unique sample' "$(ls -d "$work"/batch_* | sort -V | tail -n1)
         echo "| ${c%/time} | $(ms "$(cat "$t")") |"
     done | sort -V
     echo
-    echo "- candidates tried: $(ls "$work"/batch_*/*/time | wc -l)"
+    echo "- candidates tried: $(ls "$work"/batch_*/*/time | wc -l), of which distinct schedules:" \
+         "$(md5sum "$work"/batch_*/*/sample.schedule.h | cut -d' ' -f1 | sort -u | wc -l)"
     echo "- best: ${best_dir#"$work"/}, $(ms "$best") in its batch"
     echo "- cost model: retrained on $unique distinct schedules (retrain_cost_model skips a"
     echo "  pipeline with fewer than 8, so below that the baseline weights guided every batch)"
