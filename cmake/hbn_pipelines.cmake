@@ -111,14 +111,22 @@ endfunction()
 # - hbn_pipelines.txt, one line per library: its name, generator and
 #   generator parameters, for scripts/capture_schedules.sh, scripts/autotune.sh
 #   and the schedule tests.
+# HBN_SCHEDULE_FILES=OFF leaves the schedules out of the generators, as
+# scripts/capture_schedules.sh does, so that files it is about to replace
+# cannot stop it.
+option(HBN_SCHEDULE_FILES "Build the checked-in schedules into the generators" ON)
 function(hbn_write_schedule_files generator)
-    file(GLOB files CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/autoschedules/*/*/*.schedule.h")
+    set(files "")
+    if (HBN_SCHEDULE_FILES)
+        file(GLOB files CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/autoschedules/*/*/*.schedule.h")
+    endif ()
     set(includes "")
     set(entries "")
     foreach (file IN LISTS files)
         file(RELATIVE_PATH key "${PROJECT_SOURCE_DIR}/autoschedules" "${file}")
         string(REGEX REPLACE "\\.schedule\\.h$" "" key "${key}")
-        string(REGEX REPLACE "^([^/]+)/[^/]+/(.+)$" "apply_schedule_\\1_\\2" function "${key}")
+        string(REPLACE "/" "_" function "apply_schedule_${key}")
+        string(REPLACE "-" "_" function "${function}")
         string(APPEND includes "#include \"${file}\"\n")
         string(APPEND entries "    {\"${key}\", ${function}},\n")
     endforeach ()
@@ -128,8 +136,8 @@ function(hbn_write_schedule_files generator)
            "inline const std::map<std::string, ApplySchedule> checked_in = {\n${entries}};\n}\n")
     file(CONFIGURE OUTPUT "${PROJECT_BINARY_DIR}/schedules/hbn_checked_in_schedules.h"
          CONTENT "${text}")
-    get_target_property(imported ${generator} IMPORTED)
-    if (NOT imported)
+    # A cross build runs the generators of a host build: nothing to compile.
+    if (NOT CMAKE_CROSSCOMPILING)
         target_include_directories(${generator} PRIVATE "${PROJECT_BINARY_DIR}/schedules")
     endif ()
     get_property(pipelines GLOBAL PROPERTY HBN_PIPELINES)

@@ -153,8 +153,7 @@ done
 read -r best best_dir <<< "$(best_sample)"
 [[ -n ${best_dir:-} ]] || die "no sample ran; see $work/batch_*/*/compile_log.txt"
 mkdir -p "$(dirname "$out")"
-/usr/bin/python3 scripts/schedule_file.py "$best_dir/sample.schedule.h" "$out.schedule.h" \
-    --source tuned --library "$library"
+/usr/bin/python3 scripts/schedule_file.py "$best_dir/sample.schedule.h" "$out.schedule.h"
 echo "Wrote $out.schedule.h (from $best_dir)"
 
 # The checked-in schedule as the build applies it (GuardWithIf tails):

@@ -22,7 +22,8 @@ llc=${HBN_SCHEDULE_LLC_BYTES:-33554432}
 plugins=/usr/lib/$(gcc -dumpmachine)/halide14
 build=build/capture
 
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_BUILD_TESTS=OFF >/dev/null
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_BUILD_TESTS=OFF \
+      -DHBN_SCHEDULE_FILES=OFF >/dev/null
 cmake --build "$build" --target hbn_generators
 declare -A scheduler=([adams2019]=Adams2019 [li2018]=Li2018 [mullapudi2016]=Mullapudi2016)
 
@@ -49,7 +50,6 @@ while read -r library generator params; do
         out=autoschedules/$source/x86-64/$library.schedule.h
         mkdir -p "$(dirname "$out")"
         /usr/bin/python3 scripts/schedule_file.py "$build/raw/$source/$library.schedule.h" "$out" \
-            --source "$source" --library "$library" \
             --stages "$build/raw/adams2019/$library.schedule.h" "${serial[@]}"
         echo "captured $out"
     done

@@ -2,11 +2,12 @@
 """Turns a .schedule.h that a Halide 14 autoscheduler emitted into a checked-in
 schedule under autoschedules/ (see scripts/capture_schedules.sh).
 
-    schedule_file.py RAW.schedule.h OUT.schedule.h --source S --library L
+    schedule_file.py RAW.schedule.h autoschedules/<source>/<class>/<library>.schedule.h
                      [--stages STAGES.schedule.h] [--serial]
 
-- Function and include guard become apply_schedule_<S>_<L>, so that every
-  checked-in schedule can live in one generator executable.
+- Function and include guard become apply_schedule_<source>_<class>_<library>
+  (class with "_" for "-"), so that every checked-in schedule can live in one
+  generator executable (see cmake/hbn_pipelines.cmake).
 - Every tail strategy becomes GuardWithIf. The autoschedulers split with
   ShiftInwards (outputs) and RoundUp (intermediates) at factors taken from
   the 32x64x56x56 estimates: ShiftInwards reads and writes a shifted last
@@ -82,9 +83,7 @@ def declare_li2018(body, indices):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("raw")
-    parser.add_argument("out")
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--library", required=True)
+    parser.add_argument("out", help="autoschedules/<source>/<class>/<library>.schedule.h")
     parser.add_argument("--stages", help="a schedule of the same library that names stages by index")
     parser.add_argument("--serial", action="store_true", help="drop parallel loops")
     args = parser.parse_args()
@@ -103,7 +102,9 @@ def main():
     if args.serial:
         body = re.sub(r"\s*\.parallel\([^()]*\)", "", body)
 
-    name = f"{args.source}_{args.library}"
+    out = Path(args.out)
+    name = "_".join([out.parent.parent.name, out.parent.name.replace("-", "_"),
+                     out.name.removesuffix(".schedule.h")])
     head = re.sub(r"\b\w+_SCHEDULE_H\b", f"{name}_SCHEDULE_H", head)
     head = re.sub(r"apply_schedule_\w+", f"apply_schedule_{name}", head)
     head = head.replace("// MACHINE GENERATED -- DO NOT EDIT\n",

@@ -1,5 +1,5 @@
-#ifndef adams2019_hbn_batch_norm_training_float16_nchw_parallel_SCHEDULE_H
-#define adams2019_hbn_batch_norm_training_float16_nchw_parallel_SCHEDULE_H
+#ifndef adams2019_x86_64_hbn_batch_norm_training_float16_nchw_parallel_SCHEDULE_H
+#define adams2019_x86_64_hbn_batch_norm_training_float16_nchw_parallel_SCHEDULE_H
 
 // MACHINE GENERATED -- DO NOT EDIT: scripts/capture_schedules.sh, with
 // every tail strategy made GuardWithIf (scripts/schedule_file.py says why).
@@ -10,7 +10,7 @@
 #include "Halide.h"
 
 
-inline void apply_schedule_adams2019_hbn_batch_norm_training_float16_nchw_parallel(
+inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nchw_parallel(
     ::Halide::Pipeline pipeline,
     ::Halide::Target target
 ) {
@@ -99,4 +99,4 @@ inline void apply_schedule_adams2019_hbn_batch_norm_training_float16_nchw_parall
 
 }
 
-#endif  // adams2019_hbn_batch_norm_training_float16_nchw_parallel_SCHEDULE_H
+#endif  // adams2019_x86_64_hbn_batch_norm_training_float16_nchw_parallel_SCHEDULE_H

@@ -1,5 +1,5 @@
-#ifndef li2018_hbn_batch_norm_inference_float16_nchw_serial_SCHEDULE_H
-#define li2018_hbn_batch_norm_inference_float16_nchw_serial_SCHEDULE_H
+#ifndef li2018_x86_64_hbn_batch_norm_inference_float16_nchw_serial_SCHEDULE_H
+#define li2018_x86_64_hbn_batch_norm_inference_float16_nchw_serial_SCHEDULE_H
 
 // MACHINE GENERATED -- DO NOT EDIT: scripts/capture_schedules.sh, with
 // every tail strategy made GuardWithIf (scripts/schedule_file.py says why).
@@ -10,7 +10,7 @@
 #include "Halide.h"
 
 
-inline void apply_schedule_li2018_hbn_batch_norm_inference_float16_nchw_serial(
+inline void apply_schedule_li2018_x86_64_hbn_batch_norm_inference_float16_nchw_serial(
     ::Halide::Pipeline pipeline,
     ::Halide::Target target
 ) {
@@ -45,4 +45,4 @@ inline void apply_schedule_li2018_hbn_batch_norm_inference_float16_nchw_serial(
 
 }
 
-#endif  // li2018_hbn_batch_norm_inference_float16_nchw_serial_SCHEDULE_H
+#endif  // li2018_x86_64_hbn_batch_norm_inference_float16_nchw_serial_SCHEDULE_H

@@ -1,5 +1,5 @@
-#ifndef mullapudi2016_hbn_batch_norm_training_float32_nchw_serial_SCHEDULE_H
-#define mullapudi2016_hbn_batch_norm_training_float32_nchw_serial_SCHEDULE_H
+#ifndef mullapudi2016_x86_64_hbn_batch_norm_training_float32_nchw_serial_SCHEDULE_H
+#define mullapudi2016_x86_64_hbn_batch_norm_training_float32_nchw_serial_SCHEDULE_H
 
 // MACHINE GENERATED -- DO NOT EDIT: scripts/capture_schedules.sh, with
 // every tail strategy made GuardWithIf (scripts/schedule_file.py says why).
@@ -10,7 +10,7 @@
 #include "Halide.h"
 
 
-inline void apply_schedule_mullapudi2016_hbn_batch_norm_training_float32_nchw_serial(
+inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float32_nchw_serial(
     ::Halide::Pipeline pipeline,
     ::Halide::Target target
 ) {
@@ -91,4 +91,4 @@ inline void apply_schedule_mullapudi2016_hbn_batch_norm_training_float32_nchw_se
 
 }
 
-#endif  // mullapudi2016_hbn_batch_norm_training_float32_nchw_serial_SCHEDULE_H
+#endif  // mullapudi2016_x86_64_hbn_batch_norm_training_float32_nchw_serial_SCHEDULE_H

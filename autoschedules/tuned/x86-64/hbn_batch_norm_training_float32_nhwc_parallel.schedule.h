@@ -1,5 +1,5 @@
-#ifndef tuned_hbn_batch_norm_training_float32_nhwc_parallel_SCHEDULE_H
-#define tuned_hbn_batch_norm_training_float32_nhwc_parallel_SCHEDULE_H
+#ifndef tuned_x86_64_hbn_batch_norm_training_float32_nhwc_parallel_SCHEDULE_H
+#define tuned_x86_64_hbn_batch_norm_training_float32_nhwc_parallel_SCHEDULE_H
 
 // MACHINE GENERATED -- DO NOT EDIT: scripts/capture_schedules.sh, with
 // every tail strategy made GuardWithIf (scripts/schedule_file.py says why).
@@ -10,7 +10,7 @@
 #include "Halide.h"
 
 
-inline void apply_schedule_tuned_hbn_batch_norm_training_float32_nhwc_parallel(
+inline void apply_schedule_tuned_x86_64_hbn_batch_norm_training_float32_nhwc_parallel(
     ::Halide::Pipeline pipeline,
     ::Halide::Target target
 ) {
@@ -100,4 +100,4 @@ inline void apply_schedule_tuned_hbn_batch_norm_training_float32_nhwc_parallel(
 
 }
 
-#endif  // tuned_hbn_batch_norm_training_float32_nhwc_parallel_SCHEDULE_H
+#endif  // tuned_x86_64_hbn_batch_norm_training_float32_nhwc_parallel_SCHEDULE_H
