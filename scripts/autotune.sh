@@ -15,7 +15,7 @@
 # The manual schedule is benchmarked the same way. State lives in
 # build/tune/<library>/: rerunning resumes (finished samples are kept),
 # --fresh starts over. It stops starting batches after --minutes (default 12;
-# the default 6 batches of 16 take about 8 minutes on the 2-core VM).
+# the default 6 batches of 16 take under 6 minutes on the 2-core VM).
 # The starting weights are Halide v14's baseline (Debian ships none):
 # ../shared/halide14/adams2019_baseline.weights, or --weights FILE.
 set -euo pipefail

@@ -58,7 +58,7 @@ inline void apply_schedule_tuned_x86_64_hbn_batch_norm_training_float32_nhwc_par
         .reorder({cii, ci, c})
         .parallel(c);
     output
-        .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
+        .split(m, m, mi, 12544, TailStrategy::GuardWithIf)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .compute_root()
