@@ -2,6 +2,7 @@
 """Summarizes hbn_bench's Google Benchmark JSON: a markdown table and a plot.
 
     python3 bench/report.py RESULTS.json [--md OUT.md] [--png OUT.png]
+    python3 bench/report.py --schedules SOURCE.json... --md OUT.md
 
 Prints the table and writes it to OUT.md, and the plot to OUT.png (by default
 next to RESULTS.json, with its name). Benchmarks are named
@@ -10,6 +11,10 @@ size) the table gives hbn's time and the GB/s of every implementation (bytes of
 x read plus y written, the same for all), then the ratios copy/hbn and
 peer/hbn, each time_other / time_hbn: copy/hbn = 1 means hbn runs as fast as a
 copy of the tensor; peer/hbn > 1 means hbn is faster than the peer.
+
+With --schedules, each JSON is one schedule source's run
+(scripts/bench_schedules.sh, context hbn_schedule): the table gives hbn's
+time per case and source, and each source's time over the manual one's.
 """
 import argparse
 import json
@@ -188,13 +193,61 @@ def plot(cases, path):
     return True
 
 
+def schedule_markdown(paths):
+    """Table of hbn's time per case (rows) and schedule source (columns)."""
+    sources, times, contexts = [], defaultdict(dict), []
+    for path in paths:
+        context, cases = load(path)
+        source = context.get("hbn_schedule", Path(path).stem)
+        sources.append(source)
+        contexts.append(context)
+        for case, r in cases.items():
+            times[case][source] = r.get("hbn")
+    context = contexts[0]
+    lines = [
+        "# hbn by schedule source",
+        "",
+        f"CPU: {cpu_model()} ({context.get('num_cpus', '?')} CPUs); "
+        f"date: {context.get('date', 'unknown date')}; hbn_source={context.get('hbn_source', '?')}. "
+        "Median hbn time; in brackets, time over the manual schedule's (below 1: faster).",
+        "",
+        "| case | " + " | ".join(sources) + " |",
+        "|---|" + "---:|" * len(sources),
+    ]
+    for case in sorted(times, key=case_key):
+        manual = times[case].get("manual")
+        cells = []
+        for source in sources:
+            r = times[case].get(source)
+            if not r or "seconds" not in r:
+                cells.append(fmt_gbps(r))
+            elif source == "manual" or not manual or "seconds" not in manual:
+                cells.append(fmt_time(r["seconds"]))
+            else:
+                cells.append(f"{fmt_time(r['seconds'])} ({r['seconds'] / manual['seconds']:.2f})")
+        lines.append("| " + "/".join(case) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("json")
+    parser.add_argument("json", nargs="+")
+    parser.add_argument("--schedules", action="store_true",
+                        help="one JSON per schedule source: compare them")
     parser.add_argument("--md", help="markdown output (default: JSON path with .md)")
     parser.add_argument("--png", help="plot output (default: JSON path with .png)")
     args = parser.parse_args()
 
+    if args.schedules:
+        md = schedule_markdown(args.json)
+        print(md, end="")
+        if args.md:
+            Path(args.md).write_text(md)
+            print(f"\nwrote {args.md}")
+        return
+    if len(args.json) > 1:
+        parser.error("one RESULTS.json, or --schedules")
+    args.json = args.json[0]
     context, cases = load(args.json)
     if not cases:
         raise SystemExit(f"{args.json}: no BM/... benchmarks")

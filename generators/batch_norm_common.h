@@ -4,6 +4,7 @@
 #pragma once
 
 #include "Halide.h"
+#include "checked_in_schedule.h"
 
 #include <map>
 #include <string>
@@ -86,6 +87,9 @@ public:
     // per threading mode also serves the autoschedulers, where a specialize()
     // on the size could not.
     GeneratorParam<bool> parallel{"parallel", true};
+    // A checked-in schedule, "<source>/<target class>/<library>", in place
+    // of the manual one (see checked_in_schedule.h); empty: manual.
+    GeneratorParam<std::string> schedule{"schedule", ""};
 
     // Declared first, so `input` leads the inputs and `output` the outputs.
     GeneratorInput<Buffer<>> input{"input"};

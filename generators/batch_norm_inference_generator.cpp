@@ -33,7 +33,8 @@ public:
         eps.set_estimate(1e-5f);
 
         // Schedule
-        if (auto_schedule) {
+        if (auto_schedule ||
+            hbn_schedules::apply_checked_in(get_pipeline(), get_target(), schedule)) {
             return;
         }
         if (get_target().has_gpu_feature()) {

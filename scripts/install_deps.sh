@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages hbn needs that this machine lacks.
-#   scripts/install_deps.sh [demo|test|arm|bench]   (default: test)
+#   scripts/install_deps.sh [demo|test|arm|bench|tune]   (default: test)
 # arm: the test packages plus the aarch64 cross compiler and qemu-aarch64
 # (scripts/test_arm.sh builds GoogleTest from googletest's sources).
 set -euo pipefail
@@ -14,7 +14,8 @@ case "${1:-test}" in
     test) packages+=(libgtest-dev pocl-opencl-icd python3) ;;
     arm) packages+=(libgtest-dev googletest g++-aarch64-linux-gnu qemu-user) ;;
     bench) packages+=(libbenchmark-dev libdnnl-dev libtorch-dev python3-matplotlib) ;;
-    *) echo "usage: $0 [demo|test|arm|bench]" >&2; exit 2 ;;
+    tune) packages+=(python3) ;;
+    *) echo "usage: $0 [demo|test|arm|bench|tune]" >&2; exit 2 ;;
 esac
 
 missing=()

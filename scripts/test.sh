@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds hbn with its tests and runs them all (ctest arguments may follow,
-# e.g. scripts/test.sh -L numerics), then the same on aarch64 under qemu
+# e.g. scripts/test.sh -L numerics), then the same for each checked-in
+# schedule source under the best x86 variant (scripts/test_schedules.sh;
+# HBN_TEST_SCHEDULES=0 skips it), then on aarch64 under qemu
 # (scripts/test_arm.sh, given the same arguments; HBN_TEST_ARM=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +10,9 @@ scripts/install_deps.sh test
 cmake -S . -B build/test -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build build/test
 ctest --test-dir build/test --output-on-failure -j "$(nproc)" "$@"
+if [[ "${HBN_TEST_SCHEDULES:-}" != 0 ]]; then
+    scripts/test_schedules.sh "$@"
+fi
 if [[ "${HBN_TEST_ARM:-1}" != 0 ]]; then
     scripts/test_arm.sh "$@"
 fi
