@@ -151,16 +151,18 @@ message(STATUS "hbn schedule: ${HBN_SCHEDULE} (target class ${HBN_SCHEDULE_CLASS
 # Sets `out_var` to the generator's `schedule` parameter for library `name`:
 # the key <source>/<class>/<name> of its checked-in schedule, or empty for the
 # manual schedule.
-function(_hbn_checked_in_schedule name out_var)
+function(_hbn_checked_in_schedule name class out_var)
     set(${out_var} "" PARENT_SCOPE)
     if (HBN_SCHEDULE STREQUAL "manual")
         return()
     endif ()
-    set(key ${HBN_SCHEDULE}/${HBN_SCHEDULE_CLASS}/${name})
+    set(key ${HBN_SCHEDULE}/${class}/${name})
     if (EXISTS "${PROJECT_SOURCE_DIR}/autoschedules/${key}.schedule.h")
         set(${out_var} ${key} PARENT_SCOPE)
-    elseif (HBN_SCHEDULE STREQUAL "tuned")
-        message(STATUS "hbn schedule: ${name} has no tuned schedule, it keeps the manual one")
+    elseif (HBN_SCHEDULE STREQUAL "tuned" OR NOT class STREQUAL HBN_SCHEDULE_CLASS)
+        # Tuning runs cover some libraries, and Li2018's GPU schedules all
+        # but those needing 64-bit OpenCL atomics (scripts/capture_schedules.sh).
+        message(STATUS "hbn schedule: ${name} has no ${HBN_SCHEDULE} schedule, it keeps the manual one")
     else ()
         message(FATAL_ERROR "HBN_SCHEDULE=${HBN_SCHEDULE}: autoschedules/${key}.schedule.h does "
                             "not exist; capture it with scripts/capture_schedules.sh.")
@@ -248,15 +250,18 @@ function(hbn_add_pipeline consumer pipeline data_type layout variant)
         set(targets ${${target_var}})
     endif ()
     set(params data_type=${data_type} layout=${layout} parallel=${parallel})
-    # The checked-in schedules are the CPU's (target class x86-64): the GPU
-    # libraries keep their manual schedules.
+    set(schedule "")
     if (variant MATCHES "^(parallel|serial)$")
         list(JOIN params " " param_text)
         set_property(GLOBAL APPEND PROPERTY HBN_PIPELINES "${name} batch_norm_${pipeline} ${param_text}")
-        _hbn_checked_in_schedule(${name} schedule)
-        if (schedule)
-            list(APPEND params schedule=${schedule})
-        endif ()
+        _hbn_checked_in_schedule(${name} ${HBN_SCHEDULE_CLASS} schedule)
+    elseif (HBN_SCHEDULE STREQUAL "li2018")
+        # Of the autoschedulers only Li2018 schedules for GPUs (the others'
+        # sources keep the manual GPU schedules).
+        _hbn_checked_in_schedule(${name} ${variant} schedule)
+    endif ()
+    if (schedule)
+        list(APPEND params schedule=${schedule})
     endif ()
     add_halide_library(${name} FROM hbn_generators
                        GENERATOR batch_norm_${pipeline}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Captures the checked-in schedules of Halide 14's autoschedulers: runs each
-# plugin on every library hbn builds (build/capture/hbn_pipelines.txt) and
-# writes autoschedules/<source>/x86-64/<library>.schedule.h, with the tails
+# plugin on every CPU library hbn builds (build/capture/hbn_pipelines.txt),
+# and Li2018 also on the OpenCL and CUDA ones, and writes
+# autoschedules/<source>/<class>/<library>.schedule.h (class: x86-64,
+# opencl, cuda), with the tails
 # made GuardWithIf (scripts/schedule_file.py). Run it after changing an
 # algorithm; the schedule tests fail until then.
 #   scripts/capture_schedules.sh [adams2019] [li2018] [mullapudi2016]   (default: all three)
@@ -27,10 +29,19 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_BUILD_TESTS=OFF
 cmake --build "$build" --target hbn_generators
 declare -A scheduler=([adams2019]=Adams2019 [li2018]=Li2018 [mullapudi2016]=Mullapudi2016)
 
-# raw_schedule <source> <library> <generator> <params...>: the plugin's output.
+# Li2018, the one that schedules for GPUs, also gets the GPU libraries (the
+# targets of hbn's defaults). Where its OpenCL schedule adds up the double
+# statistics with atomics, it is not checked in and the library keeps its
+# manual schedule: Halide 14 writes 64-bit atomics as atomic_cmpxchg on
+# longs, which OpenCL C (PoCL) rejects as ambiguous.
+declare -A gpu_target=([opencl]=x86-64-linux-opencl-cl_doubles
+                       [cuda]=x86-64-linux-cuda-cuda_capability_80)
+
+# raw_schedule <source> <library> <generator> <target> <params...>: the
+# plugin's output.
 raw_schedule() {
-    local source=$1 library=$2 generator=$3 cores=$(nproc)
-    shift 3
+    local source=$1 library=$2 generator=$3 target=$4 cores=$(nproc)
+    shift 4
     [[ " $* " == *" parallel=false "* ]] && cores=1
     mkdir -p "$build/raw/$source"
     "$build/hbn_generators" -g "$generator" -f "$library" -o "$build/raw/$source" -e schedule \
@@ -38,19 +49,39 @@ raw_schedule() {
         -p "$plugins/libautoschedule_$source.so" -s "${scheduler[$source]}" >/dev/null 2>&1
 }
 
+# checked_in <source> <class> <library> <stages library> [--serial]: the
+# plugin's output made a checked-in schedule.
+checked_in() {
+    local out=autoschedules/$1/$2/$3.schedule.h
+    mkdir -p "$(dirname "$out")"
+    /usr/bin/python3 scripts/schedule_file.py "$build/raw/$1/$3.schedule.h" "$out" \
+        --stages "$build/raw/adams2019/$4.schedule.h" "${@:5}"
+    echo "captured $out"
+}
+
 while read -r library generator params; do
     read -r -a params <<< "$params"
     serial=()
     [[ " ${params[*]} " == *" parallel=false "* ]] && serial=(--serial)
     # Adams2019's schedule names each stage's index, which Li2018's lacks.
-    raw_schedule adams2019 "$library" "$generator" "${params[@]}"
+    raw_schedule adams2019 "$library" "$generator" "$target" "${params[@]}"
     for source in "${sources[@]}"; do
         [[ -n "${scheduler[$source]:-}" ]] || { echo "unknown source '$source'" >&2; exit 2; }
-        [[ $source == adams2019 ]] || raw_schedule "$source" "$library" "$generator" "${params[@]}"
-        out=autoschedules/$source/x86-64/$library.schedule.h
-        mkdir -p "$(dirname "$out")"
-        /usr/bin/python3 scripts/schedule_file.py "$build/raw/$source/$library.schedule.h" "$out" \
-            --stages "$build/raw/adams2019/$library.schedule.h" "${serial[@]}"
-        echo "captured $out"
+        [[ $source == adams2019 ]] || raw_schedule "$source" "$library" "$generator" "$target" "${params[@]}"
+        checked_in "$source" x86-64 "$library" "$library" "${serial[@]}"
+        if [[ $source == li2018 && $library == *_parallel ]]; then
+            for backend in "${!gpu_target[@]}"; do
+                gpu_library=${library%_parallel}_$backend
+                rm -f "autoschedules/li2018/$backend/$gpu_library.schedule.h"
+                if raw_schedule li2018 "$gpu_library" "$generator" "${gpu_target[$backend]}" \
+                       "${params[@]}" &&
+                   ! { [[ $backend == opencl ]] &&
+                       grep -q '\.atomic()' "$build/raw/li2018/$gpu_library.schedule.h"; }; then
+                    checked_in li2018 "$backend" "$gpu_library" "$library"
+                else
+                    echo "no li2018 schedule for $gpu_library: it keeps the manual one"
+                fi
+            done
+        fi
     done
 done < "$build/hbn_pipelines.txt"

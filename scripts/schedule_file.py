@@ -53,30 +53,46 @@ def declare_li2018(body, indices):
     # Li2018 names its loop variables v<n>, which is also how Halide names
     # the ones it makes itself (parallel(v, tasks) splits off a fresh Var).
     body = re.sub(r"\bv(\d+)\b", r"li_v\1", body)
-    blocks = re.findall(r"^    (\w+)((?:\.update\((\d+)\))?\s*\.[^;]*;)$", body, re.M | re.S)
-    kept, funcs, names, rvars = [], [], set(), {}
-    for func, statement, update in blocks:
-        if func not in indices:
+    # Its GPU schedules can leave out the ';' that ends a statement.
+    body = re.sub(r"(?<=[^;\n])\n(    \w)", r"\n    ;\n\1", body)
+    blocks = re.findall(r"^    (\w+)((?: = (\w+))?(?:\.update\((\d*)\))?\s*\.[^;]*;)$", body,
+                        re.M | re.S)
+    kept, funcs, names, rvars, split_rvars = [], [], set(), {}, set()
+    intermediates = {}  # rfactor's Funcs, and the stage they come from
+    for func, statement, source, update in blocks:
+        stage = intermediates.get(func, source or func)
+        if stage not in indices:
             kept.append(f"    // {func}: not a stage of this pipeline (Li2018 schedules input "
                         f"wrappers), dropped.")
             continue
-        if func not in funcs:
-            funcs.append(func)
-        for name in re.findall(r"[(,]\s*([A-Za-z_][\w$]*)\s*(?=[,)])", statement):
+        if source:
+            intermediates[func] = source
+            kept.append(f"    Func {func}{statement}")
+        else:
+            if func not in funcs and func not in intermediates:
+                funcs.append(func)
+            kept.append(f"    {func}{statement}")
+        for name in re.findall(r"[(,{]\s*([A-Za-z_][\w$]*)\s*(?=[,)}])", statement):
             # RDom names are numbered per generate() run (r9$x): take the
             # stage's own, by position.
             rvar = re.fullmatch(r"r\d+\$([xyzw])", name)
             if rvar:
-                rvars[name] = (f"{func}.update({update}).get_schedule().rvars()"
+                rvars[name] = (f"{stage}.update({update or 0}).get_schedule().rvars()"
                                f"[{'xyzw'.index(rvar.group(1))}].var")
             else:
                 names.add(name)
-        kept.append(f"    {func}{statement}")
-    names -= set(funcs) | {"ShiftInwards", "RoundUp", "GuardWithIf"}
+        # What a split or fuse of RVars makes is an RVar too.
+        for op, args in re.findall(r"\.(split|fuse)\(([^()]*)\)", statement):
+            args = [a.strip() for a in args.split(",")]
+            if any(a in rvars or a in split_rvars for a in args[:1 if op == "split" else 2]):
+                split_rvars.update(args[1:3] if op == "split" else args[2:3])
+    names -= set(funcs) | set(intermediates) | split_rvars
+    names -= {"ShiftInwards", "RoundUp", "GuardWithIf"}
     lines = [f"    Func {f} = pipeline.get_func({indices[f]});" for f in funcs]
     # Halide matches loop dimensions by name: `Var c("c")` is the pure var c.
     lines += [f"    Var {n}(\"{n}\");" for n in sorted(names)]
     lines += [f"    RVar {n}({accessor});" for n, accessor in sorted(rvars.items())]
+    lines += [f"    RVar {n}(\"{n}\");" for n in sorted(split_rvars)]
     return "\n".join(lines + kept) + "\n"
 
 

@@ -2,8 +2,9 @@
 # Builds hbn with each checked-in schedule source in place of the manual
 # schedules (-DHBN_SCHEDULE=<source>, in build/schedule-<source>) and runs the
 # tests there: all but the `package` label, under the CPU's best x86 variant
-# only (-R '^avx512\.'). ctest arguments may follow; a later -R replaces that
-# filter, e.g. scripts/test_schedules.sh -R '^sse41\.' -L numerics.
+# only (-R '^avx512\.'), and for li2018, whose GPU schedules are checked in
+# too, on OpenCL and through ptxas as well. ctest arguments may follow; a
+# later -R replaces that filter, e.g. scripts/test_schedules.sh -R '^sse41\.'.
 # HBN_TEST_SCHEDULES picks the sources (default: all four; scripts/test.sh
 # runs this script unless it is 0).
 # Every source is built and tested even if one fails; the script fails if any
@@ -18,14 +19,20 @@ failed=()
 for schedule in "${schedules[@]}"; do
     dir=build/schedule-$schedule
     echo "== HBN_SCHEDULE=$schedule ($dir)"
-    # CPU only: the GPU libraries keep their manual schedules whatever the source.
+    # Other sources leave the GPU libraries their manual schedules.
+    backends=cpu
+    tests='^avx512\.'
+    if [[ $schedule == li2018 ]]; then
+        backends="cpu;opencl;cuda"
+        tests='^(avx512|opencl)\.|^cuda\.ptxas'
+    fi
     if ! cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_SCHEDULE="$schedule" \
-               -DHBN_BACKENDS=cpu ||
+               -DHBN_BACKENDS="$backends" ||
        ! cmake --build "$dir" -j "$jobs"; then
         failed+=("$schedule (build)")
         continue
     fi
-    if ! ctest --test-dir "$dir" --output-on-failure -j "$jobs" -LE package -R '^avx512\.' "$@"; then
+    if ! ctest --test-dir "$dir" --output-on-failure -j "$jobs" -LE package -R "$tests" "$@"; then
         failed+=("$schedule (tests)")
     fi
 done
