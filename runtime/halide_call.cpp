@@ -2,14 +2,15 @@
 
 #include "HalideRuntime.h"
 
-#include <mutex>
 
 namespace hbn::internal {
 namespace {
 
 void halide_error_to_context(void *user_context, const char *message) {
     if (user_context != nullptr) {
-        static_cast<CallContext *>(user_context)->halide_message += message;
+        auto *context = static_cast<CallContext *>(user_context);
+        std::lock_guard<std::mutex> lock(context->mutex);
+        context->halide_message += message;
     }
 }
 

@@ -5,12 +5,15 @@
 
 #include "hbn/batch_norm.h"
 
+#include <mutex>
 #include <string>
 
 namespace hbn::internal {
 
-// The user_context of every call into Halide.
+// The user_context of every call into Halide. Several threads may report
+// into one (the chunks of a streamed call).
 struct CallContext {
+    std::mutex mutex;
     std::string halide_message;
 };
 

@@ -111,6 +111,26 @@ TEST(Semantics, OutputMayAliasInput) {
     }
 }
 
+// Inference outputs of 64 MiB and more take the CPU's streaming-store path
+// (chunks staged in cache, then stored non-temporally), in place too.
+TEST(Semantics, LargeInferenceMatchesReference) {
+    for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+        const std::vector<int64_t> shape = layout == Layout::NCHW
+                                               ? std::vector<int64_t>{16, 32, 182, 182}
+                                               : std::vector<int64_t>{16, 182, 182, 32};
+        for (bool in_place : {false, true}) {
+            BatchNormCase t(shape, layout, DType::Float32, DType::Float32, false, 11);
+            ASSERT_GE(t.x.bytes().size(), size_t(64) << 20);
+            const ReferenceResult expected = t.reference();
+            HostTensor &output = in_place ? t.x : t.output;
+            hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
+                            t.bias.view(), output.view(), t.options);
+            expect_close(output.values(), expected.output, output_tolerance(DType::Float32),
+                         in_place ? "in-place output" : "output");
+        }
+    }
+}
+
 TEST(Semantics, MomentumZeroKeepsAndOneReplacesRunningStatistics) {
     for (double momentum : {0.0, 1.0}) {
         BatchNormCase t({6, 5, 8}, Layout::NCHW, DType::Float32, DType::Float32, true, 11);
