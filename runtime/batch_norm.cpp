@@ -672,9 +672,26 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
         device, {{input_buffer.get(), &x}, {weight_f32.buffer()}, {bias_f32.buffer()}},
         {{output_buffer.get(), &output}, {mean_buffer.get()}, {var_buffer.get()}, {inv_std_buffer.get()}},
         [&](void *context) {
-            return kernels.training(context, input_buffer.get(), weight_f32.buffer(),
-                                    bias_f32.buffer(), eps, output_buffer.get(), mean_buffer.get(),
-                                    var_buffer.get(), inv_std_buffer.get());
+            if (!streams_output(device, view, x.dtype)) {
+                return kernels.training(context, input_buffer.get(), weight_f32.buffer(),
+                                        bias_f32.buffer(), eps, output_buffer.get(),
+                                        mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
+            }
+            // A large output is streamed: the training kernel computes only
+            // the statistics (asked for no rows of output, it still reduces
+            // all of input_x), and the streamed inference pass normalizes
+            // with them.
+            HalideBuffer no_rows = output_buffer;
+            no_rows.dims[no_rows.buffer.dimensions - 1].extent = 0;
+            const int status = kernels.training(context, input_buffer.get(), weight_f32.buffer(),
+                                                bias_f32.buffer(), eps, no_rows.get(),
+                                                mean_buffer.get(), var_buffer.get(),
+                                                inv_std_buffer.get());
+            return status != 0 ? status
+                               : run_streamed_inference(context, x.dtype, view, input_buffer.get(),
+                                                        mean_buffer.get(), var_buffer.get(),
+                                                        weight_f32.buffer(), bias_f32.buffer(), eps,
+                                                        output_buffer.get());
         },
         "hbn::batch_norm: training pipeline");
 

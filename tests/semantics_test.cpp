@@ -111,22 +111,29 @@ TEST(Semantics, OutputMayAliasInput) {
     }
 }
 
-// Inference outputs of 64 MiB and more take the CPU's streaming-store path
-// (chunks staged in cache, then stored non-temporally), in place too.
-TEST(Semantics, LargeInferenceMatchesReference) {
-    for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-        const std::vector<int64_t> shape = layout == Layout::NCHW
-                                               ? std::vector<int64_t>{16, 32, 182, 182}
-                                               : std::vector<int64_t>{16, 182, 182, 32};
-        for (bool in_place : {false, true}) {
-            BatchNormCase t(shape, layout, DType::Float32, DType::Float32, false, 11);
-            ASSERT_GE(t.x.bytes().size(), size_t(64) << 20);
-            const ReferenceResult expected = t.reference();
-            HostTensor &output = in_place ? t.x : t.output;
-            hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
-                            t.bias.view(), output.view(), t.options);
-            expect_close(output.values(), expected.output, output_tolerance(DType::Float32),
-                         in_place ? "in-place output" : "output");
+// float32 outputs of 64 MiB and more take the CPU's streaming-store path
+// (chunks staged in cache, then stored non-temporally; training computes its
+// statistics first), in place too.
+TEST(Semantics, LargeOutputsMatchReference) {
+    for (bool training : {false, true}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            const std::vector<int64_t> shape = layout == Layout::NCHW
+                                                   ? std::vector<int64_t>{16, 32, 182, 182}
+                                                   : std::vector<int64_t>{16, 182, 182, 32};
+            for (bool in_place : {false, true}) {
+                BatchNormCase t(shape, layout, DType::Float32, DType::Float32, training, 11);
+                ASSERT_GE(t.x.bytes().size(), size_t(64) << 20);
+                const ReferenceResult expected = t.reference();
+                HostTensor &output = in_place ? t.x : t.output;
+                hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(),
+                                t.weight.view(), t.bias.view(), output.view(), t.options);
+                const std::string what = std::string(training ? "training " : "inference ") +
+                                         (layout == Layout::NCHW ? "NCHW" : "NHWC") +
+                                         (in_place ? " in place" : "");
+                expect_close(output.values(), expected.output, output_tolerance(DType::Float32),
+                             what + " output");
+                expect_close(t.running_var.values(), expected.running_var, 2e-6, what + " running_var");
+            }
         }
     }
 }
