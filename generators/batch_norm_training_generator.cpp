@@ -143,7 +143,7 @@ public:
         } else {
             // Channels are the dense axis: all statistics first, in parallel
             // over blocks of rows, then the elementwise pass.
-            // Within a block, one vector of channels at a time runs down the
+            // Within a block, a group of channels at a time runs down the
             // rows, so its accumulators stay in registers.
             RVar block, row;
             Var row_block{"row_block"}, c_vector{"c_vector"};
@@ -152,8 +152,11 @@ public:
                                   .rfactor(block, row_block);
             block_sums.compute_root()
                 .vectorize(c, vector_size, TailStrategy::GuardWithIf);
+            // Four vectors of channels at a time: more independent double
+            // accumulators per row (mid 1.94-2.07 ms -> 1.67-1.79 ms, large
+            // 65 -> 57 ms, against one vector).
             block_sums.update()
-                .split(c, c_vector, c, vector_size, TailStrategy::GuardWithIf)
+                .split(c, c_vector, c, vector_size * 4, TailStrategy::GuardWithIf)
                 .reorder(c, row, c_vector, row_block)
                 .vectorize(c);
             if (parallel) {
