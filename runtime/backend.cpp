@@ -265,10 +265,6 @@ const Probe &probe_of(Device device) {
     return device == Device::CUDA ? b.cuda : device == Device::OpenCL ? b.opencl : b.cpu;
 }
 
-[[noreturn]] void fail(ErrorKind kind, const std::string &message) {
-    throw Error(kind, "hbn::batch_norm: " + message);
-}
-
 void require_usable(Device device, const char *what) {
     const BackendStatus &status = probe_of(device).status;
     if (!status.usable) {

@@ -33,6 +33,8 @@ Error::Error(ErrorKind kind, std::string message) : kind_(kind), message_(std::m
 
 namespace {
 
+using internal::fail;
+
 const char *dtype_name(DType dtype) {
     return dtype == DType::Float16 ? "Float16" : "Float32";
 }
@@ -45,10 +47,6 @@ std::string shape_string(const std::vector<int64_t> &shape) {
     }
     out << ']';
     return out.str();
-}
-
-[[noreturn]] void fail(ErrorKind kind, const std::string &message) {
-    throw Error(kind, "hbn::batch_norm: " + message);
 }
 
 // ---------------------------------------------------------------------------
@@ -476,40 +474,27 @@ constexpr TrainingFn cuda_training_fns[2][2] = HBN_GPU_KERNELS(training, cuda);
 // thread pool costs more than the work.
 constexpr int64_t serial_threshold = 16 * 1024;
 
-struct Kernels {
-    InferenceFn inference = nullptr;
-    TrainingFn training = nullptr;
-};
-
-Kernels kernels_for(Device device, DType dtype, const DataView &view) {
-    const int type = dtype == DType::Float32 ? 1 : 0;
-    const bool nchw = view.nchw;
-#ifdef HBN_BACKEND_OPENCL
-    if (device == Device::OpenCL) {
-        return {opencl_inference_fns[type][nchw], opencl_training_fns[type][nchw]};
-    }
-#endif
-#ifdef HBN_BACKEND_CUDA
-    if (device == Device::CUDA) {
-        return {cuda_inference_fns[type][nchw], cuda_training_fns[type][nchw]};
-    }
-#endif
-    const bool parallel = view.values_per_channel() * view.channels >= serial_threshold;
-    return {cpu_inference_fns[type][nchw][parallel], cpu_training_fns[type][nchw][parallel]};
-}
-
 // ---------------------------------------------------------------------------
-// Large inference outputs on x86: streaming stores. Halide 14 emits none, and
-// a plain store to a line that is not in cache first reads it (a
+// Large float32 outputs on x86: streaming stores. Halide 14 emits none, and a
+// plain store to a line that is not in cache first reads it (a
 // read-for-ownership), which caps an elementwise pass near 2/3 of copy speed
-// once the tensor is in DRAM. So a large inference call runs the serial
+// once the tensor is in DRAM. So a large output (of inference, and of
+// training once its statistics are done) is written by the serial inference
 // kernel chunk by chunk, in parallel on Halide's thread pool, into scratch
-// that stays in the core's L2 cache, and streams each chunk out with
+// that stays in the core's L2 cache, and each chunk is streamed out with
 // non-temporal stores.
 
 #ifdef __SSE2__
 constexpr int64_t streaming_threshold_bytes = int64_t(64) << 20;
 constexpr int64_t chunk_target_bytes = 512 << 10;  // a quarter of this VM's 2 MiB L2
+
+// float32 only: the float16 kernels are bound by Halide 14's integer
+// emulation of the conversions, not by memory, and the staging pass made
+// them slower (large inference: 61-77 ms plain, 100 ms staged).
+bool streams_output(DType dtype, const DataView &view) {
+    return dtype == DType::Float32 &&
+           view.values_per_channel() * view.channels * 4 >= streaming_threshold_bytes;
+}
 
 void stream_copy(uint8_t *dst, const uint8_t *src, size_t bytes) {
     const size_t head = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
@@ -525,11 +510,11 @@ void stream_copy(uint8_t *dst, const uint8_t *src, size_t bytes) {
     _mm_sfence();  // streaming stores are weakly ordered: publish before the task ends
 }
 
-// One streamed inference call. Chunks are runs of rows along the view's
-// dimension 1 (NCHW: channels of one batch item; NHWC: positions), which
-// are contiguous in input_x and output alike.
+// One streamed call. Chunks are runs of rows along the view's dimension 1
+// (NCHW: channels of one batch item; NHWC: positions), which are contiguous
+// in input_x and output alike.
 struct StreamedInference {
-    InferenceFn serial_kernel;
+    InferenceFn chunk_kernel;
     halide_buffer_t input;  // whole-tensor views, as the kernel would get them
     uint8_t *output;
     halide_buffer_t *mean, *var, *weight, *bias;
@@ -559,8 +544,8 @@ struct StreamedInference {
         input.dim = staged.dim = dims.data();
         input.host = whole.host + offset * element_bytes;
         staged.host = scratch.data();
-        const int status = job.serial_kernel(user_context, &input, job.mean, job.var, job.weight,
-                                             job.bias, job.eps, &staged);
+        const int status = job.chunk_kernel(user_context, &input, job.mean, job.var, job.weight,
+                                            job.bias, job.eps, &staged);
         if (status == 0) {
             stream_copy(job.output + offset * element_bytes, scratch.data(), bytes);
         }
@@ -568,40 +553,61 @@ struct StreamedInference {
     }
 };
 
-// float32 only: the float16 kernels are bound by Halide 14's integer
-// emulation of the conversions, not by memory, and the staging pass made
-// them slower (large inference: 61-77 ms plain, 100 ms staged).
-bool streams_output(Device device, const DataView &view, DType dtype) {
-    const int64_t bytes = view.values_per_channel() * view.channels * 4;
-    return device == Device::CPU && dtype == DType::Float32 && bytes >= streaming_threshold_bytes;
-}
-
-int run_streamed_inference(void *user_context, DType dtype, const DataView &view,
-                           halide_buffer_t *input, halide_buffer_t *mean, halide_buffer_t *var,
-                           halide_buffer_t *weight, halide_buffer_t *bias, float eps,
-                           halide_buffer_t *output) {
+// Writes `output` = the inference pipeline of `input`, through `chunk_kernel`
+// (a serial inference kernel) and streaming stores.
+int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_buffer_t *input,
+                           halide_buffer_t *mean, halide_buffer_t *var, halide_buffer_t *weight,
+                           halide_buffer_t *bias, float eps, halide_buffer_t *output) {
     const halide_dimension_t &row = input->dim[0], &rows = input->dim[1];
     const int64_t row_bytes = int64_t(row.extent) * input->type.bytes();
     const auto rows_per_chunk = static_cast<int32_t>(
         std::clamp<int64_t>(chunk_target_bytes / row_bytes, 1, rows.extent));
     const int32_t chunks_per_item = (rows.extent + rows_per_chunk - 1) / rows_per_chunk;
-    const int32_t items = view.nchw ? input->dim[2].extent : 1;
-    StreamedInference job{cpu_inference_fns[dtype == DType::Float32][view.nchw][false],
-                          *input, output->host, mean, var, weight, bias, eps,
+    const int32_t items = input->dimensions == 3 ? input->dim[2].extent : 1;  // NCHW's N
+    StreamedInference job{chunk_kernel, *input, output->host, mean, var, weight, bias, eps,
                           rows_per_chunk, chunks_per_item};
     return halide_do_par_for(user_context, StreamedInference::run_chunk, 0,
                              chunks_per_item * items, reinterpret_cast<uint8_t *>(&job));
 }
 #else
-bool streams_output(Device, const DataView &, DType) {
+bool streams_output(DType, const DataView &) {
     return false;
 }
-int run_streamed_inference(void *, DType, const DataView &, halide_buffer_t *, halide_buffer_t *,
+int run_streamed_inference(void *, InferenceFn, halide_buffer_t *, halide_buffer_t *,
                            halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, float,
                            halide_buffer_t *) {
     return -1;  // unreachable: streams_output() is false
 }
 #endif
+
+struct Kernels {
+    InferenceFn inference = nullptr;
+    TrainingFn training = nullptr;
+    // Set when the output is streamed: the serial inference kernel that
+    // writes each chunk.
+    InferenceFn streamed_chunk = nullptr;
+};
+
+Kernels kernels_for(Device device, DType dtype, const DataView &view) {
+    const int type = dtype == DType::Float32 ? 1 : 0;
+    const bool nchw = view.nchw;
+#ifdef HBN_BACKEND_OPENCL
+    if (device == Device::OpenCL) {
+        return {opencl_inference_fns[type][nchw], opencl_training_fns[type][nchw]};
+    }
+#endif
+#ifdef HBN_BACKEND_CUDA
+    if (device == Device::CUDA) {
+        return {cuda_inference_fns[type][nchw], cuda_training_fns[type][nchw]};
+    }
+#endif
+    const bool parallel = view.values_per_channel() * view.channels >= serial_threshold;
+    Kernels kernels{cpu_inference_fns[type][nchw][parallel], cpu_training_fns[type][nchw][parallel]};
+    if (streams_output(dtype, view)) {
+        kernels.streamed_chunk = cpu_inference_fns[type][nchw][false];
+    }
+    return kernels;
+}
 
 template<typename T>
 void store_channel(void *data, int64_t c, double value) {
@@ -646,11 +652,11 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
              {bias_f32.buffer()}},
             {{output_buffer.get(), &output}},
             [&](void *context) {
-                if (streams_output(device, view, x.dtype)) {
-                    return run_streamed_inference(context, x.dtype, view, input_buffer.get(),
-                                                  mean_f32.buffer(), var_f32.buffer(),
-                                                  weight_f32.buffer(), bias_f32.buffer(), eps,
-                                                  output_buffer.get());
+                if (kernels.streamed_chunk) {
+                    return run_streamed_inference(context, kernels.streamed_chunk,
+                                                  input_buffer.get(), mean_f32.buffer(),
+                                                  var_f32.buffer(), weight_f32.buffer(),
+                                                  bias_f32.buffer(), eps, output_buffer.get());
                 }
                 return kernels.inference(context, input_buffer.get(), mean_f32.buffer(),
                                          var_f32.buffer(), weight_f32.buffer(), bias_f32.buffer(),
@@ -672,7 +678,7 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
         device, {{input_buffer.get(), &x}, {weight_f32.buffer()}, {bias_f32.buffer()}},
         {{output_buffer.get(), &output}, {mean_buffer.get()}, {var_buffer.get()}, {inv_std_buffer.get()}},
         [&](void *context) {
-            if (!streams_output(device, view, x.dtype)) {
+            if (!kernels.streamed_chunk) {
                 return kernels.training(context, input_buffer.get(), weight_f32.buffer(),
                                         bias_f32.buffer(), eps, output_buffer.get(),
                                         mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
@@ -688,10 +694,10 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
                                                 mean_buffer.get(), var_buffer.get(),
                                                 inv_std_buffer.get());
             return status != 0 ? status
-                               : run_streamed_inference(context, x.dtype, view, input_buffer.get(),
-                                                        mean_buffer.get(), var_buffer.get(),
-                                                        weight_f32.buffer(), bias_f32.buffer(), eps,
-                                                        output_buffer.get());
+                               : run_streamed_inference(context, kernels.streamed_chunk,
+                                                        input_buffer.get(), mean_buffer.get(),
+                                                        var_buffer.get(), weight_f32.buffer(),
+                                                        bias_f32.buffer(), eps, output_buffer.get());
         },
         "hbn::batch_norm: training pipeline");
 

@@ -16,6 +16,10 @@ void halide_error_to_context(void *user_context, const char *message) {
 
 }  // namespace
 
+void fail(ErrorKind kind, const std::string &message) {
+    throw Error(kind, "hbn::batch_norm: " + message);
+}
+
 void install_error_handler() {
     static std::once_flag once;
     std::call_once(once, [] { halide_set_error_handler(halide_error_to_context); });

@@ -1,6 +1,6 @@
-// Calling into the Halide runtime without letting it abort: its errors reach
-// one process-wide handler, and the user_context of each call says whose
-// error it is.
+// hbn::batch_norm's errors, and calling into the Halide runtime without
+// letting it abort: its errors reach one process-wide handler, and the
+// user_context of each call says whose error it is.
 #pragma once
 
 #include "hbn/batch_norm.h"
@@ -9,6 +9,9 @@
 #include <string>
 
 namespace hbn::internal {
+
+// Throws Error(kind) with hbn::batch_norm's prefix.
+[[noreturn]] void fail(ErrorKind kind, const std::string &message);
 
 // The user_context of every call into Halide. Several threads may report
 // into one (the chunks of a streamed call).
