@@ -5,6 +5,7 @@
 
 #include "Halide.h"
 #include "checked_in_schedule.h"
+#include "float16_conversions.h"
 
 #include <map>
 #include <string>
@@ -53,28 +54,6 @@ Expr values_per_channel(const InputBuffer &input, Layout layout) {
                : cast<int64_t>(input.dim(1).extent());
 }
 
-
-// float32 to the bits of the nearest float16 (ties to even; denormals,
-// infinities and NaN included). Halide's Internal::float32_to_float16 gives a
-// Float(16) value, which is what OpenCL C cannot name without cl_half.
-inline Expr float32_to_float16_bits(const Expr &value) {
-    const Expr bits = reinterpret(UInt(32), strict_float(value));
-    const Expr sign = cast<uint16_t>((bits >> 16) & 0x8000);
-    const Expr magnitude = bits & 0x7fffffff;
-    // Below 2^-14 the result is denormal; adding 0.5 puts float16's denormal
-    // step (2^-24) at the float's last mantissa bit, so the addition rounds.
-    const Expr denormal = cast<uint16_t>(
-        reinterpret(UInt(32), strict_float(reinterpret(Float(32), magnitude) + 0.5f)) - 0x3f000000);
-    // Rebias the exponent and round the 13 dropped bits to nearest even;
-    // a carry out of the mantissa correctly reaches infinity.
-    const Expr odd = (magnitude >> 13) & 1;
-    const Expr normal = cast<uint16_t>((magnitude - 0x38000000 + 0xfff + odd) >> 13);
-    const Expr inf_or_nan = select(magnitude > 0x7f800000, cast<uint16_t>(0x7e00), cast<uint16_t>(0x7c00));
-    return sign | select(magnitude >= 0x47800000, inf_or_nan,
-                         magnitude < 0x38800000, denormal,
-                         normal);
-}
-
 // What both pipelines share: the data type and layout they are built for,
 // the serial or parallel build, the data tensor in and out, and estimates.
 template<typename T>
@@ -100,24 +79,25 @@ public:
         input.set_dimensions(data_dimensions(layout));
         output.set_type(storage_type());
         output.set_dimensions(data_dimensions(layout));
+        if (Type(data_type) == Float(16) && converts_float16_in_hardware(this->get_target())) {
+            this->get_externs_map()->emplace("hbn_float16_conversions",
+                                             float16_conversions(this->get_target()));
+        }
     }
 
 protected:
-    // On OpenCL, float16 data travels as its bits (uint16) and is converted
-    // in the kernel: Halide 14's OpenCL C declares `half` only under cl_half,
-    // which many devices (PoCL, NVIDIA's OpenCL) lack.
-    bool half_as_bits() const {
-        return Type(data_type) == Float(16) && this->get_target().has_feature(Target::OpenCL);
-    }
+    // float16 data is stored as its bits (see float16_conversions.h).
     Type storage_type() const {
-        return half_as_bits() ? UInt(16) : Type(data_type);
+        return Type(data_type) == Float(16) ? UInt(16) : Type(data_type);
     }
     // A stored data value as float32, and a float32 value as stored.
     Expr load_float(const Expr &stored) const {
-        return half_as_bits() ? Internal::float16_to_float32(stored) : cast<float>(stored);
+        return Type(data_type) == Float(16) ? float16_bits_to_float32(stored, this->get_target())
+                                            : cast<float>(stored);
     }
     Expr to_storage(const Expr &value) const {
-        return half_as_bits() ? float32_to_float16_bits(value) : cast(data_type, value);
+        return Type(data_type) == Float(16) ? float32_to_float16_bits(value, this->get_target())
+                                            : cast(data_type, value);
     }
 
     // Estimates: the mid-size benchmark tensor, 32x64x56x56.

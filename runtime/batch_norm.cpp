@@ -236,12 +236,12 @@ void check_saved_statistic(const Tensor &t, const char *name, int64_t channels) 
 // ---------------------------------------------------------------------------
 // Halide buffers over the caller's memory.
 
-// The OpenCL kernels take float16 data as its bits (see batch_norm_common.h).
-halide_type_t halide_type_of(DType dtype, Device device = Device::CPU) {
-    if (dtype == DType::Float16 && device == Device::OpenCL) {
+// Every kernel takes float16 data as its bits (see generators/float16_conversions.h).
+halide_type_t halide_type_of(DType dtype) {
+    if (dtype == DType::Float16) {
         return {halide_type_uint, 16, 1};
     }
-    return {halide_type_float, static_cast<uint8_t>(dtype == DType::Float16 ? 16 : 32), 1};
+    return {halide_type_float, 32, 1};
 }
 
 struct HalideBuffer {
@@ -249,11 +249,11 @@ struct HalideBuffer {
     std::array<halide_dimension_t, 3> dims{};
 
     // A data tensor; device memory is attached by GpuCall.
-    HalideBuffer(const Tensor &t, const DataView &v, Device device) {
+    HalideBuffer(const Tensor &t, const DataView &v) {
         if (t.memory == Memory::Host) {
             buffer.host = static_cast<uint8_t *>(t.data);
         }
-        buffer.type = halide_type_of(t.dtype, device);
+        buffer.type = halide_type_of(t.dtype);
         const auto c = static_cast<int32_t>(v.channels);
         if (v.nchw) {
             const auto inner = static_cast<int32_t>(v.inner);
@@ -638,8 +638,8 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
     }
     internal::install_error_handler();
 
-    HalideBuffer input_buffer(x, view, device);
-    HalideBuffer output_buffer(output, view, device);
+    HalideBuffer input_buffer(x, view);
+    HalideBuffer output_buffer(output, view);
     ChannelFloats weight_f32(weight, channels), bias_f32(bias, channels);
     const auto eps = static_cast<float>(options.eps);
     const Kernels kernels = kernels_for(device, x.dtype, view);

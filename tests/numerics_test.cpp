@@ -1,9 +1,12 @@
 // Numerically hard statistics: a large offset with a small spread (where
 // E[x^2] - E[x]^2 in float32 cancels catastrophically) and channels of more
-// than 2^24 values (where float32 counts and running sums stall).
+// than 2^24 values (where float32 counts and running sums stall). And the
+// float16 conversions, exactly: every value in, and rounding on the way out.
 #include "test_util.h"
 
+#include <cstdint>
 #include <cstdio>
+#include <limits>
 
 namespace hbn_test {
 namespace {
@@ -55,6 +58,109 @@ TEST_P(LargeOffset, MoreThan2To24ValuesPerChannel) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Numerics, LargeOffset, ::testing::Values(Layout::NCHW, Layout::NHWC),
+                         [](const auto &info) { return info.param == Layout::NCHW ? "nchw" : "nhwc"; });
+
+// The value of float16 bits, decoded here rather than by hbn's float16.
+double float16_value(uint16_t bits) {
+    const int exponent = (bits >> 10) & 0x1f;
+    const int significand = bits & 0x3ff;
+    const double magnitude = exponent == 0x1f ? (significand ? std::numeric_limits<double>::quiet_NaN()
+                                                             : std::numeric_limits<double>::infinity())
+                             : exponent == 0 ? std::ldexp(significand, -24)
+                                             : std::ldexp(1024 + significand, exponent - 25);
+    return (bits & 0x8000) ? -magnitude : magnitude;
+}
+
+// The float16 nearest to v, ties to the even significand.
+double nearest_float16(double v) {
+    const double magnitude = std::abs(v);
+    if (std::isnan(v) || magnitude >= 65520) {  // 65520: halfway from 65504 to 2^16
+        return std::isnan(v) ? v : std::copysign(std::numeric_limits<double>::infinity(), v);
+    }
+    int exponent;
+    std::frexp(magnitude, &exponent);
+    // The float16 spacing at this magnitude: 2^-24 among the denormals.
+    const double spacing = std::ldexp(1.0, std::max(exponent - 11, -24));
+    return std::copysign(std::nearbyint(magnitude / spacing) * spacing, v);  // ties to even
+}
+
+std::vector<double> float16_outputs(const HostTensor &output) {
+    std::vector<double> values(output.size());
+    for (size_t i = 0; i < values.size(); i++) {
+        uint16_t bits;
+        std::memcpy(&bits, &output.bytes()[2 * i], 2);
+        values[i] = float16_value(bits);
+    }
+    return values;
+}
+
+void expect_identical(const std::vector<double> &actual, const std::vector<double> &expected,
+                      const std::string &what) {
+    ASSERT_EQ(actual.size(), expected.size());
+    size_t mismatches = 0;
+    for (size_t i = 0; i < actual.size(); i++) {
+        if (!(actual[i] == expected[i] || (std::isnan(actual[i]) && std::isnan(expected[i])))) {
+            if (mismatches++ < 5) {
+                ADD_FAILURE() << what << "[" << i << "] = " << actual[i] << ", expected " << expected[i];
+            }
+        }
+    }
+    EXPECT_EQ(mismatches, 0u) << what;
+}
+
+class Float16Conversions : public ::testing::TestWithParam<Layout> {};
+
+// y = x exactly (scale 1: running_var + eps == 1 in float32), so every one of
+// the 65536 float16 inputs must come back as itself.
+TEST_P(Float16Conversions, EveryValueComesBackUnchanged) {
+    const int64_t channels = 16;
+    std::vector<double> every_value(65536);
+    for (size_t bits = 0; bits < every_value.size(); bits++) {
+        every_value[bits] = float16_value(static_cast<uint16_t>(bits));
+    }
+    const std::vector<int64_t> shape = GetParam() == Layout::NCHW ? std::vector<int64_t>{2, channels, 2048}
+                                                                  : std::vector<int64_t>{4096, channels};
+    BatchNormCase t(shape, GetParam(), DType::Float16, DType::Float32, false);
+    t.x = HostTensor(DType::Float16, shape, every_value);
+    t.options.eps = 1.0 / 1024;
+    t.running_mean = HostTensor(DType::Float32, {channels}, std::vector<double>(channels, 0.0));
+    t.running_var = HostTensor(DType::Float32, {channels}, std::vector<double>(channels, 1 - 1.0 / 1024));
+    t.weight = HostTensor(DType::Float32, {channels}, std::vector<double>(channels, 1.0));
+    t.bias = HostTensor(DType::Float32, {channels}, std::vector<double>(channels, 0.0));
+    t.run();
+    // Every value but -0, which (-0 - 0) * 1 + 0 makes +0.
+    expect_identical(float16_outputs(t.output), t.reference().output, "output");
+}
+
+// With x = 0 and weight = 0, y is the float32 bias, so the output is the
+// bias rounded to float16: ties, denormals, overflow, infinities and NaN.
+TEST_P(Float16Conversions, OutputsRoundToNearestEven) {
+    const double inf = std::numeric_limits<double>::infinity();
+    std::vector<double> bias = {
+        1 + 0x1p-11, 1 + 3 * 0x1p-11, 1 + 0x1p-11 + 0x1p-20, -(2 + 0x1p-10),  // ties, just above
+        0x1p-24, 1.5 * 0x1p-24, 0.5 * 0x1p-24, 0.49 * 0x1p-24, 2.5 * 0x1p-24,  // denormals
+        0x1p-14 - 0x1p-25, 0x1p-14 - 0x1p-24, -3 * 0x1p-26, 1e-10,              // denormal edge
+        65504, 65519, 65520, -65520, 1e6, inf, -inf, std::nan(""), 0.1, -1 / 3.0, 3e4, 5e-5};
+    const auto randoms = random_values(39, 0, 100, 7);
+    bias.insert(bias.end(), randoms.begin(), randoms.end());
+    for (bool training : {false, true}) {
+        const auto channels = static_cast<int64_t>(bias.size());
+        const std::vector<int64_t> shape = GetParam() == Layout::NCHW ? std::vector<int64_t>{2, channels, 5, 7}
+                                                                      : std::vector<int64_t>{70, channels};
+        BatchNormCase t(shape, GetParam(), DType::Float16, DType::Float32, training);
+        t.x = HostTensor(DType::Float16, shape, std::vector<double>(t.x.size(), 0.0));
+        t.weight = HostTensor(DType::Float32, {channels}, std::vector<double>(channels, 0.0));
+        t.bias = HostTensor(DType::Float32, {channels}, bias);
+        std::vector<double> expected = t.reference().output;
+        for (double &y : expected) {
+            y = nearest_float16(static_cast<float>(y));
+        }
+        t.run();
+        expect_identical(float16_outputs(t.output), expected, training ? "training output" : "inference output");
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Numerics, Float16Conversions, ::testing::Values(Layout::NCHW, Layout::NHWC),
                          [](const auto &info) { return info.param == Layout::NCHW ? "nchw" : "nhwc"; });
 
 }  // namespace
