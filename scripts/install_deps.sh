@@ -7,8 +7,9 @@ set -euo pipefail
 
 # ocl-icd-opencl-dev: the OpenCL headers the build needs and the libOpenCL.so
 # that Halide's runtime opens; pocl-opencl-icd: an OpenCL device on the CPU,
-# on which the tests run the OpenCL backend; python3: the PTX test.
-packages=(cmake ninja-build gcc g++ libhalide14-0-dev ocl-icd-opencl-dev)
+# on which the tests run the OpenCL backend; python3: the PTX test; llvm-14
+# (which Halide's package also pulls in): llvm-as, for the float16 conversions.
+packages=(cmake ninja-build gcc g++ libhalide14-0-dev llvm-14 ocl-icd-opencl-dev)
 case "${1:-test}" in
     demo) ;;
     test) packages+=(libgtest-dev pocl-opencl-icd python3) ;;
