@@ -111,28 +111,31 @@ TEST(Semantics, OutputMayAliasInput) {
     }
 }
 
-// float32 outputs of 64 MiB and more take the CPU's streaming-store path
-// (chunks staged in cache, then stored non-temporally; training computes its
-// statistics first), in place too.
+// Outputs of 64 MiB and more take the CPU's streaming-store path (chunks
+// staged in cache, then stored non-temporally while the next chunk's input is
+// prefetched; training computes its statistics first), in place too.
 TEST(Semantics, LargeOutputsMatchReference) {
-    for (bool training : {false, true}) {
-        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-            const std::vector<int64_t> shape = layout == Layout::NCHW
-                                                   ? std::vector<int64_t>{16, 32, 182, 182}
-                                                   : std::vector<int64_t>{16, 182, 182, 32};
-            for (bool in_place : {false, true}) {
-                BatchNormCase t(shape, layout, DType::Float32, DType::Float32, training, 11);
-                ASSERT_GE(t.x.bytes().size(), size_t(64) << 20);
-                const ReferenceResult expected = t.reference();
-                HostTensor &output = in_place ? t.x : t.output;
-                hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(),
-                                t.weight.view(), t.bias.view(), output.view(), t.options);
-                const std::string what = std::string(training ? "training " : "inference ") +
-                                         (layout == Layout::NCHW ? "NCHW" : "NHWC") +
-                                         (in_place ? " in place" : "");
-                expect_close(output.values(), expected.output, output_tolerance(DType::Float32),
-                             what + " output");
-                expect_close(t.running_var.values(), expected.running_var, 2e-6, what + " running_var");
+    for (DType dtype : {DType::Float32, DType::Float16}) {
+        const int64_t batch = dtype == DType::Float32 ? 16 : 32;  // 67.8 MB either way
+        for (bool training : {false, true}) {
+            for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+                const std::vector<int64_t> shape = layout == Layout::NCHW
+                                                       ? std::vector<int64_t>{batch, 32, 182, 182}
+                                                       : std::vector<int64_t>{batch, 182, 182, 32};
+                for (bool in_place : {false, true}) {
+                    BatchNormCase t(shape, layout, dtype, DType::Float32, training, 11);
+                    ASSERT_GE(t.x.bytes().size(), size_t(64) << 20);
+                    const ReferenceResult expected = t.reference();
+                    HostTensor &output = in_place ? t.x : t.output;
+                    hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(),
+                                    t.weight.view(), t.bias.view(), output.view(), t.options);
+                    const std::string what =
+                        std::string(dtype == DType::Float32 ? "float32 " : "float16 ") +
+                        (training ? "training " : "inference ") + (layout == Layout::NCHW ? "NCHW" : "NHWC") +
+                        (in_place ? " in place" : "");
+                    expect_close(output.values(), expected.output, output_tolerance(dtype), what + " output");
+                    expect_close(t.running_var.values(), expected.running_var, 2e-6, what + " running_var");
+                }
             }
         }
     }
