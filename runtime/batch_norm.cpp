@@ -558,8 +558,8 @@ struct StreamedInference {
         thread_local std::vector<uint8_t> scratch;
         const int32_t first = task * chunks_per_task;
         const int32_t last = std::min(first + chunks_per_task, job.chunks);
-        Chunk chunk = job.chunk_at(first);
         for (int32_t c = first; c < last; c++) {
+            Chunk chunk = job.chunk_at(c);
             scratch.resize(std::max(scratch.size(), chunk.bytes));
             halide_buffer_t input = job.input, staged = job.input;
             input.dim = staged.dim = chunk.dims.data();
@@ -570,15 +570,9 @@ struct StreamedInference {
             if (status != 0) {
                 return status;
             }
-            uint8_t *destination = job.output + chunk.offset * element_bytes;
-            const size_t bytes = chunk.bytes;
-            if (c + 1 < last) {
-                chunk = job.chunk_at(c + 1);
-                stream_copy(destination, scratch.data(), bytes,
-                            job.input.host + chunk.offset * element_bytes, chunk.bytes);
-            } else {
-                stream_copy(destination, scratch.data(), bytes, nullptr, 0);
-            }
+            const Chunk next = c + 1 < last ? job.chunk_at(c + 1) : Chunk{};  // none: 0 bytes
+            stream_copy(job.output + chunk.offset * element_bytes, scratch.data(), chunk.bytes,
+                        job.input.host + next.offset * element_bytes, next.bytes);
         }
         return 0;
     }
