@@ -79,25 +79,25 @@ public:
         input.set_dimensions(data_dimensions(layout));
         output.set_type(storage_type());
         output.set_dimensions(data_dimensions(layout));
-        if (Type(data_type) == Float(16) && converts_float16_in_hardware(this->get_target())) {
-            this->get_externs_map()->emplace("hbn_float16_conversions",
-                                             float16_conversions(this->get_target()));
+        if (is_float16()) {
+            link_float16_conversions(*this->get_externs_map(), this->get_target());
         }
     }
 
 protected:
     // float16 data is stored as its bits (see float16_conversions.h).
+    bool is_float16() const {
+        return Type(data_type) == Float(16);
+    }
     Type storage_type() const {
-        return Type(data_type) == Float(16) ? UInt(16) : Type(data_type);
+        return is_float16() ? UInt(16) : Type(data_type);
     }
     // A stored data value as float32, and a float32 value as stored.
     Expr load_float(const Expr &stored) const {
-        return Type(data_type) == Float(16) ? float16_bits_to_float32(stored, this->get_target())
-                                            : cast<float>(stored);
+        return is_float16() ? float16_bits_to_float32(stored, this->get_target()) : cast<float>(stored);
     }
     Expr to_storage(const Expr &value) const {
-        return Type(data_type) == Float(16) ? float32_to_float16_bits(value, this->get_target())
-                                            : cast(data_type, value);
+        return is_float16() ? float32_to_float16_bits(value, this->get_target()) : cast(data_type, value);
     }
 
     // Estimates: the mid-size benchmark tensor, 32x64x56x56.

@@ -12,6 +12,7 @@
 #include "Halide.h"
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace hbn_generators {
@@ -26,10 +27,12 @@ inline bool converts_float16_in_hardware(const Target &target) {
            (target.has_feature(Target::F16C) || target.arch == Target::ARM);
 }
 
-// The bitcode to link into a module for `target`.
-inline ExternalCode float16_conversions(const Target &target) {
-    return ExternalCode::bitcode_wrapper(target, float16_conversions_bitcode,
-                                         "hbn_float16_conversions");
+// Links the bitcode into the module built for `target`, where it is used.
+inline void link_float16_conversions(GeneratorContext::ExternsMap &externs, const Target &target) {
+    if (converts_float16_in_hardware(target)) {
+        const std::string name = "hbn_float16_conversions";
+        externs.emplace(name, ExternalCode::bitcode_wrapper(target, float16_conversions_bitcode, name));
+    }
 }
 
 inline Expr float16_bits_to_float32(const Expr &bits, const Target &target) {
