@@ -494,8 +494,8 @@ constexpr int64_t chunk_target_bytes = 128 << 10;
 constexpr int32_t chunks_per_task = 32;
 
 bool streams_output(DType dtype, const DataView &view) {
-    const int64_t element_bytes = dtype == DType::Float32 ? 4 : 2;
-    return view.values_per_channel() * view.channels * element_bytes >= streaming_threshold_bytes;
+    return view.values_per_channel() * view.channels * halide_type_of(dtype).bytes() >=
+           streaming_threshold_bytes;
 }
 
 // Copies with streaming stores, and meanwhile prefetches up to `bytes` of
