@@ -140,7 +140,8 @@ struct BatchNormCase {
         }                                                                                     \
     } while (0)
 
-// |actual - expected| <= tolerance * (1 + |expected|), NaN only where expected.
+// |actual - expected| <= tolerance * (1 + |expected|), or equal (so equal
+// infinities pass), NaN only where expected. Tolerance 0 asks for equality.
 inline void expect_close(const std::vector<double> &actual, const std::vector<double> &expected,
                          double tolerance, const std::string &what) {
     ASSERT_EQ(actual.size(), expected.size()) << what;
@@ -149,7 +150,8 @@ inline void expect_close(const std::vector<double> &actual, const std::vector<do
     for (size_t i = 0; i < actual.size(); i++) {
         const bool ok = std::isnan(expected[i])
                             ? std::isnan(actual[i])
-                            : std::abs(actual[i] - expected[i]) <= tolerance * (1 + std::abs(expected[i]));
+                            : actual[i] == expected[i] ||
+                                  std::abs(actual[i] - expected[i]) <= tolerance * (1 + std::abs(expected[i]));
         if (!ok) {
             mismatches++;
             if (reported++ < 5) {
