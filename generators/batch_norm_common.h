@@ -121,7 +121,11 @@ inline Expr normalized(const Expr &x, const Expr &mean, const Expr &scale, const
 }
 
 // CPU schedule of the elementwise pass writing `output`: vectorized along
-// the dense axis, blocks of rows in parallel when `parallel`.
+// the dense axis, blocks of rows in parallel when `parallel`. NHWC blocks of
+// 512 rows: handing out a task costs about as much as normalizing a few KiB
+// (mid, 64 channels, float16: 0.65 ms with 64 rows, 0.48-0.51 ms with 512).
+// The factor stays a constant: with one computed from the channel count,
+// Halide's bounds for an output of no rows reach before the input's start.
 inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout, bool parallel,
                                    const Target &target) {
     const int vector_size = target.natural_vector_size<float>();
@@ -132,7 +136,7 @@ inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout
             .split(rows, row_block, rows, 8, TailStrategy::GuardWithIf);
     } else {
         output.vectorize(v.c, vector_size, TailStrategy::GuardWithIf)
-            .split(v.m, row_block, rows, 64, TailStrategy::GuardWithIf);
+            .split(v.m, row_block, rows, 512, TailStrategy::GuardWithIf);
     }
     if (parallel) {
         output.parallel(row_block);
