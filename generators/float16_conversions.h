@@ -19,8 +19,10 @@ namespace hbn_generators {
 
 using namespace Halide;
 
-// float16_conversions.ll.in, assembled (cmake/hbn_float16_bitcode.cmake).
-extern const std::vector<uint8_t> float16_conversions_bitcode;
+// float16_conversions.ll.in, assembled for each CPU architecture in the data
+// layout of Halide's modules for it (cmake/hbn_float16_bitcode.cmake).
+extern const std::vector<uint8_t> float16_conversions_bitcode_x86_64;
+extern const std::vector<uint8_t> float16_conversions_bitcode_arm_64;
 
 inline bool converts_float16_in_hardware(const Target &target) {
     return !target.has_gpu_feature() &&
@@ -31,7 +33,9 @@ inline bool converts_float16_in_hardware(const Target &target) {
 inline void link_float16_conversions(GeneratorContext::ExternsMap &externs, const Target &target) {
     if (converts_float16_in_hardware(target)) {
         const std::string name = "hbn_float16_conversions";
-        externs.emplace(name, ExternalCode::bitcode_wrapper(target, float16_conversions_bitcode, name));
+        const auto &bitcode = target.arch == Target::ARM ? float16_conversions_bitcode_arm_64
+                                                         : float16_conversions_bitcode_x86_64;
+        externs.emplace(name, ExternalCode::bitcode_wrapper(target, bitcode, name));
     }
 }
 
