@@ -74,7 +74,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::Values(std::vector<int64_t>{2, 2}, std::vector<int64_t>{5, 19},
                                          std::vector<int64_t>{3, 5, 17}, std::vector<int64_t>{2, 3, 7, 9},
                                          std::vector<int64_t>{2, 37, 6, 5}, std::vector<int64_t>{4, 33, 21, 23},
-                                         std::vector<int64_t>{2, 3, 3, 4, 5}),
+                                         std::vector<int64_t>{2, 3, 3, 4, 5}, std::vector<int64_t>{1, 6, 9, 11}),
                        ::testing::Values(Layout::NCHW, Layout::NHWC),
                        ::testing::Values(DType::Float32, DType::Float16),
                        ::testing::Values(DType::Float32, DType::Float16), ::testing::Bool()),
