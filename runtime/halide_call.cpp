@@ -2,7 +2,6 @@
 
 #include "HalideRuntime.h"
 
-
 namespace hbn::internal {
 namespace {
 
