@@ -113,11 +113,28 @@ protected:
     }
 };
 
-// y = (x - mean) * scale + bias, in float32 whatever the storage type.
-// Subtracting the mean first (rather than folding it into the bias) makes a
-// constant channel give exactly bias.
-inline Expr normalized(const Expr &x, const Expr &mean, const Expr &scale, const Expr &bias) {
-    return (x - mean) * scale + bias;
+// y = (x - mean) * scale + bias, with x a float32 value. Subtracting the mean first (rather than folding it
+// into the bias) makes a constant channel give exactly bias.
+// The arithmetic is float32, unless `in_double`: weight / sqrt(var + eps)
+// leaves float's range for a tiny eps (down to 5e-324) and a small variance,
+// and a float scale of inf would turn a constant channel's zero into NaN. So
+// the runtime asks for double, rounded once at the end, when
+// max |weight| / sqrt(eps) exceeds float's range. Double is not the default:
+// it costs 1.1-2x at the mid size (float16 NHWC inference 0.55 -> 1.25 ms).
+// The schedules specialize on the flag, so each pass runs one of the two.
+// Each term comes in both types, from Funcs computed once per channel, so
+// that neither pass converts per element.
+struct ChannelTerm {
+    Expr f32, f64;
+};
+inline Expr normalized(const Expr &x, const ChannelTerm &mean, const ChannelTerm &scale,
+                       const ChannelTerm &bias, const Expr &in_double) {
+    return select(in_double, cast<float>((cast<double>(x) - mean.f64) * scale.f64 + bias.f64),
+                  (x - mean.f32) * scale.f32 + bias.f32);
+}
+// A float32 per-channel value as a term.
+inline ChannelTerm channel_term(const Expr &value) {
+    return {value, cast<double>(value)};
 }
 
 // CPU schedule of the elementwise pass writing `output`: vectorized along
@@ -127,7 +144,7 @@ inline Expr normalized(const Expr &x, const Expr &mean, const Expr &scale, const
 // The factor stays a constant: with one computed from the channel count,
 // Halide's bounds for an output of no rows reach before the input's start.
 inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout, bool parallel,
-                                   const Target &target) {
+                                   const Target &target, const Expr &in_double) {
     const int vector_size = target.natural_vector_size<float>();
     Var rows{"rows"}, row_block{"row_block"};
     if (layout == Layout::NCHW) {
@@ -141,11 +158,12 @@ inline void schedule_normalize_cpu(Func output, const DataVars &v, Layout layout
     if (parallel) {
         output.parallel(row_block);
     }
+    output.specialize(in_double);  // after the directives, which it inherits
 }
 
 // GPU schedule of the elementwise pass: a thread per element, neighbouring
 // threads on neighbouring addresses (the dense axis) so accesses coalesce.
-inline void schedule_normalize_gpu(Func output, const DataVars &v, Layout layout) {
+inline void schedule_normalize_gpu(Func output, const DataVars &v, Layout layout, const Expr &in_double) {
     Var block_x{"block_x"}, block_y{"block_y"}, thread_x{"thread_x"}, thread_y{"thread_y"};
     if (layout == Layout::NCHW) {
         Var rows{"rows"};
@@ -156,6 +174,7 @@ inline void schedule_normalize_gpu(Func output, const DataVars &v, Layout layout
         output.gpu_tile(v.c, v.m, block_x, block_y, thread_x, thread_y, 32, 8,
                         TailStrategy::GuardWithIf);
     }
+    output.specialize(in_double);
 }
 
 }  // namespace hbn_generators

@@ -14,23 +14,27 @@ public:
     Input<Buffer<float, 1>> running_var{"running_var"};
     Input<Buffer<float, 1>> weight{"weight"};
     Input<Buffer<float, 1>> bias{"bias"};
-    Input<float> eps{"eps"};
+    Input<double> eps{"eps"};
+    Input<bool> scale_in_double{"scale_in_double"};  // see normalized()
 
     void generate() {
         const DataVars v(layout);
 
         // Algorithm
-        Func scale{"scale"};
-        scale(v.c) = weight(v.c) / sqrt(running_var(v.c) + eps);
-        output(v.args) = to_storage(
-            normalized(load_float(input(v.args)), running_mean(v.c), scale(v.c), bias(v.c)));
+        Func scale{"scale"};  // in double, and as float32
+        const Expr scale_f64 = cast<double>(weight(v.c)) / sqrt(cast<double>(running_var(v.c)) + eps);
+        scale(v.c) = Tuple(scale_f64, cast<float>(scale_f64));
+        output(v.args) = to_storage(normalized(load_float(input(v.args)), channel_term(running_mean(v.c)),
+                                               {scale(v.c)[1], scale(v.c)[0]}, channel_term(bias(v.c)),
+                                               scale_in_double));
 
         // Estimates
         set_data_estimates();
         for (auto *param : {&running_mean, &running_var, &weight, &bias}) {
             param->set_estimates({{0, estimated_channels}});
         }
-        eps.set_estimate(1e-5f);
+        eps.set_estimate(1e-5);
+        scale_in_double.set_estimate(false);
 
         // Schedule
         if (auto_schedule ||
@@ -40,10 +44,10 @@ public:
         if (get_target().has_gpu_feature()) {
             // Inlined: recomputing the scale in every thread is cheaper than
             // a kernel launch for it.
-            schedule_normalize_gpu(output, v, layout);
+            schedule_normalize_gpu(output, v, layout, scale_in_double);
         } else {
             scale.compute_root();
-            schedule_normalize_cpu(output, v, layout, parallel, get_target());
+            schedule_normalize_cpu(output, v, layout, parallel, get_target(), scale_in_double);
         }
     }
 };

@@ -14,7 +14,8 @@ class BatchNormTraining : public BatchNormGenerator<BatchNormTraining> {
 public:
     Input<Buffer<float, 1>> weight{"weight"};
     Input<Buffer<float, 1>> bias{"bias"};
-    Input<float> eps{"eps"};
+    Input<double> eps{"eps"};
+    Input<bool> scale_in_double{"scale_in_double"};  // see normalized()
     Output<Buffer<float, 1>> batch_mean{"batch_mean"};
     Output<Buffer<float, 1>> batch_var{"batch_var"};  // biased
     Output<Buffer<float, 1>> batch_inv_std{"batch_inv_std"};
@@ -29,8 +30,15 @@ public:
         RDom r = nchw ? RDom(0, input.dim(0).extent(), 0, input.dim(2).extent())
                       : RDom(0, input.dim(1).extent());
         const Expr channel_value = load_float(nchw ? input(r.x, c, r.y) : input(c, r.x));
+        // An infinite first value would make every d NaN (inf - inf), where
+        // the channel's mean is infinite: a non-finite shift becomes 0. The
+        // test is on the bits, since Halide compiles floats with LLVM's
+        // no-NaN and no-inf flags, under which a float test may fold away.
+        const Expr first_bits =
+            reinterpret<uint32_t>(load_float(nchw ? input(0, c, 0) : input(c, 0)));
+        const Expr first_is_finite = (first_bits & 0x7f800000) != 0x7f800000;
         Func shift{"shift"};
-        shift(c) = cast<double>(load_float(nchw ? input(0, c, 0) : input(c, 0)));
+        shift(c) = cast<double>(reinterpret<float>(select(first_is_finite, first_bits, cast<uint32_t>(0))));
 
         // Shifted sums accumulated in double: sum(d) and sum(d^2) with
         // d = x - shift. Double keeps E[d^2] - E[d]^2 exact to ~1e-9 even for
@@ -43,20 +51,25 @@ public:
         const Expr count = cast<double>(values_per_channel(input, layout));
         const Expr mean_offset = sums(c)[0] / count;
         const Expr shifted_var = sums(c)[1] / count - mean_offset * mean_offset;
-        // Rounding can leave a constant channel's variance a hair below zero;
-        // select (not max) keeps a NaN channel NaN.
-        const Expr var = select(shifted_var < 0, cast<double>(0), shifted_var);
-        Func statistics{"statistics"};  // mean, biased variance, 1 / std
-        statistics(c) = Tuple(cast<float>(shift(c) + mean_offset), cast<float>(var),
-                              cast<float>(1 / sqrt(var + cast<double>(eps))));
-        batch_mean(c) = statistics(c)[0];
-        batch_var(c) = statistics(c)[1];
-        batch_inv_std(c) = statistics(c)[2];
+        // Rounding can leave a nearly constant channel's variance a hair
+        // below zero. (v + |v|) / 2 clamps it to zero with arithmetic alone:
+        // a comparison (select, max) is simplified into max(v, 0), whose
+        // machine instructions drop a NaN, and Halide compiles floats with
+        // LLVM's no-NaN flags, under which a NaN test may fold away.
+        const Expr var = (shifted_var + abs(shifted_var)) / 2;
+        Func statistics{"statistics"};  // mean, biased variance, 1 / std in double; mean as float32
+        const Expr mean = shift(c) + mean_offset;
+        statistics(c) = Tuple(mean, var, 1 / sqrt(var + eps), cast<float>(mean));
+        batch_mean(c) = statistics(c)[3];
+        batch_var(c) = cast<float>(statistics(c)[1]);
+        batch_inv_std(c) = cast<float>(statistics(c)[2]);
 
-        Func scale{"scale"};
-        scale(c) = weight(c) * statistics(c)[2];
-        output(v.args) = to_storage(
-            normalized(load_float(input(v.args)), statistics(c)[0], scale(c), bias(c)));
+        Func scale{"scale"};  // in double, and as float32
+        const Expr scale_f64 = cast<double>(weight(c)) * statistics(c)[2];
+        scale(c) = Tuple(scale_f64, cast<float>(scale_f64));
+        output(v.args) = to_storage(normalized(load_float(input(v.args)), {statistics(c)[3], statistics(c)[0]},
+                                               {scale(c)[1], scale(c)[0]}, channel_term(bias(c)),
+                                               scale_in_double));
 
         // Estimates
         set_data_estimates();
@@ -66,7 +79,8 @@ public:
         for (auto *stat : {&batch_mean, &batch_var, &batch_inv_std}) {
             stat->set_estimates({{0, estimated_channels}});
         }
-        eps.set_estimate(1e-5f);
+        eps.set_estimate(1e-5);
+        scale_in_double.set_estimate(false);
 
         // Schedule
         if (auto_schedule ||
@@ -115,7 +129,7 @@ public:
             }
             sums.compute_root().update().gpu_tile(c, c_block, c_thread, 64, TailStrategy::GuardWithIf);
             statistics.compute_root();
-            schedule_normalize_gpu(output, v, layout);
+            schedule_normalize_gpu(output, v, layout, scale_in_double);
         } else if (nchw) {
             // Channel by channel: a channel's slab (N * inner values) is read
             // once for its statistics and again, from cache, to normalize.
@@ -146,6 +160,7 @@ public:
                                  .rfactor({{inner_lane, lane}, {n_stream, stream}});
             lane_sums.compute_at(sums, c).vectorize(lane);
             lane_sums.update().reorder(lane, stream, inner_outer, n_outer).vectorize(lane).unroll(stream);
+            output.specialize(scale_in_double);
         } else {
             // Channels are the dense axis: all statistics first, in parallel
             // over blocks of rows, then the elementwise pass.
@@ -178,7 +193,7 @@ public:
             sums.compute_root().update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
             statistics.compute_root();
             scale.compute_root();
-            schedule_normalize_cpu(output, v, layout, parallel, get_target());
+            schedule_normalize_cpu(output, v, layout, parallel, get_target(), scale_in_double);
         }
     }
 };

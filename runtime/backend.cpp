@@ -215,54 +215,66 @@ Probe probe_cuda() {
     return probe;
 }
 
-struct Backends {
-    Probe cpu, opencl, cuda;
-    Device automatic = Device::CPU;
+// Each backend is probed once, on first need, and only then: a call never
+// loads a driver it does not run on (PoCL, for one, loads LLVM, which takes
+// over the process's signal handlers). Device::Auto without HBN_DEVICE probes
+// CUDA and OpenCL to choose.
+const Probe &probe_of(Device device) {
+    static const Probe cpu{{true, true, "the host CPU"}};
+    if (device == Device::CUDA) {
+        static const Probe cuda = probe_cuda();
+        return cuda;
+    }
+    if (device == Device::OpenCL) {
+        static const Probe opencl = probe_opencl();
+        return opencl;
+    }
+    return cpu;
+}
+
+struct AutoChoice {
+    Device device = Device::CPU;
     std::string override_error;  // a bad HBN_DEVICE
 };
 
-Backends probe_backends() {
-    Backends b;
-    b.cpu.status = {true, true, "the host CPU"};
-    b.opencl = probe_opencl();
-    b.cuda = probe_cuda();
-    if (const char *forced = std::getenv("HBN_DEVICE"); forced && *forced) {
+AutoChoice choose_auto() {
+    AutoChoice choice;
+    const char *forced = std::getenv("HBN_DEVICE");
+    if (forced && *forced) {
         const std::string name = forced;
         if (name == "cpu") {
-            b.automatic = Device::CPU;
+            choice.device = Device::CPU;
         } else if (name == "opencl") {
-            b.automatic = Device::OpenCL;
+            choice.device = Device::OpenCL;
         } else if (name == "cuda") {
-            b.automatic = Device::CUDA;
+            choice.device = Device::CUDA;
         } else {
-            b.override_error = "HBN_DEVICE is '" + name + "'; it takes cpu, opencl or cuda";
+            choice.override_error = "HBN_DEVICE is '" + name + "'; it takes cpu, opencl or cuda";
         }
-    } else if (b.cuda.status.usable) {
-        b.automatic = Device::CUDA;
-    } else if (b.opencl.status.usable && b.opencl.is_gpu) {
-        b.automatic = Device::OpenCL;
+    } else if (probe_of(Device::CUDA).status.usable) {
+        choice.device = Device::CUDA;
+    } else if (const Probe &opencl = probe_of(Device::OpenCL); opencl.status.usable && opencl.is_gpu) {
+        choice.device = Device::OpenCL;
     }
     if (const char *log = std::getenv("HBN_LOG_DEVICE"); log && *log && std::strcmp(log, "0") != 0) {
-        std::fprintf(stderr, "hbn: Device::Auto runs on %s%s\n", device_name(b.automatic),
-                     std::getenv("HBN_DEVICE") ? " (HBN_DEVICE)" : "");
-        for (const auto &[device, probe] : {std::pair{Device::CUDA, &b.cuda},
-                                            std::pair{Device::OpenCL, &b.opencl},
-                                            std::pair{Device::CPU, &b.cpu}}) {
+        std::fprintf(stderr, "hbn: Device::Auto runs on %s%s\n", device_name(choice.device),
+                     forced && *forced ? " (HBN_DEVICE)" : "");
+        // The backends the choice probed; under HBN_DEVICE, the chosen one.
+        for (Device device : {Device::CUDA, Device::OpenCL, Device::CPU}) {
+            if (forced && *forced && device != choice.device) {
+                continue;
+            }
+            const BackendStatus &status = probe_of(device).status;
             std::fprintf(stderr, "hbn:   %-6s %s: %s\n", device_name(device),
-                         probe->status.usable ? "usable" : "not usable", probe->status.detail.c_str());
+                         status.usable ? "usable" : "not usable", status.detail.c_str());
         }
     }
-    return b;
+    return choice;
 }
 
-const Backends &backends() {
-    static const Backends probed = probe_backends();  // once, thread-safe
-    return probed;
-}
-
-const Probe &probe_of(Device device) {
-    const Backends &b = backends();
-    return device == Device::CUDA ? b.cuda : device == Device::OpenCL ? b.opencl : b.cpu;
+const AutoChoice &auto_choice() {
+    static const AutoChoice choice = choose_auto();  // once, thread-safe
+    return choice;
 }
 
 void require_usable(Device device, const char *what) {
@@ -290,11 +302,11 @@ BackendStatus backend_status(Device device) {
 }
 
 Device auto_device() {
-    const Backends &b = backends();
-    if (!b.override_error.empty()) {
-        throw Error(ErrorKind::ValueError, "hbn: " + b.override_error);
+    const AutoChoice &choice = auto_choice();
+    if (!choice.override_error.empty()) {
+        throw Error(ErrorKind::ValueError, "hbn: " + choice.override_error);
     }
-    return b.automatic;
+    return choice.device;
 }
 
 OpenCLContext opencl_context() {

@@ -8,6 +8,7 @@
 #include "float16.h"
 #include "halide_call.h"
 #include "hbn_kernels.h"
+#include "validation.h"
 
 #ifdef HBN_BACKEND_OPENCL
 #include "HalideRuntimeOpenCL.h"
@@ -25,7 +26,6 @@
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <sstream>
 
 namespace hbn {
 
@@ -33,205 +33,7 @@ Error::Error(ErrorKind kind, std::string message) : kind_(kind), message_(std::m
 
 namespace {
 
-using internal::fail;
-
-const char *dtype_name(DType dtype) {
-    return dtype == DType::Float16 ? "Float16" : "Float32";
-}
-
-std::string shape_string(const std::vector<int64_t> &shape) {
-    std::ostringstream out;
-    out << '[';
-    for (size_t i = 0; i < shape.size(); i++) {
-        out << (i ? ", " : "") << shape[i];
-    }
-    out << ']';
-    return out.str();
-}
-
-// ---------------------------------------------------------------------------
-// Validation: everything is checked before any work, so a bad call changes
-// nothing.
-
-bool valid_dtype(DType dtype) {
-    return dtype == DType::Float16 || dtype == DType::Float32;
-}
-
-int64_t element_count(const Tensor &t) {
-    int64_t count = 1;
-    for (int64_t extent : t.shape) {
-        count *= extent;
-    }
-    return count;
-}
-
-void check_dims_and_data(const Tensor &t, const char *name) {
-    for (int64_t extent : t.shape) {
-        if (extent < 0) {
-            fail(ErrorKind::ValueError, std::string(name) + " has a negative dimension: shape " +
-                                            shape_string(t.shape));
-        }
-    }
-    if (t.data == nullptr && element_count(t) != 0) {
-        fail(ErrorKind::ValueError, std::string(name) + ".data is null but its shape " +
-                                        shape_string(t.shape) + " is not empty");
-    }
-}
-
-const char *memory_name(Memory memory) {
-    switch (memory) {
-    case Memory::Host: return "host";
-    case Memory::OpenCL: return "OpenCL";
-    case Memory::CUDA: return "CUDA";
-    }
-    return "unknown";
-}
-
-// Device memory is for the data tensors only: the per-channel ones are read
-// and committed by the host.
-void check_memory(const Tensor &t, const char *name, bool device_allowed) {
-    if (t.memory != Memory::Host && t.memory != Memory::OpenCL && t.memory != Memory::CUDA) {
-        fail(ErrorKind::ValueError, std::string(name) + ".memory is not a known Memory");
-    }
-    if (!device_allowed && t.memory != Memory::Host) {
-        fail(ErrorKind::ValueError, std::string(name) + " is " + memory_name(t.memory) +
-                                        " memory; per-channel tensors must be host memory");
-    }
-}
-
-void check_channel_vector(const Tensor &t, const char *name, int64_t channels) {
-    if (t.shape.size() != 1 || t.shape[0] != channels) {
-        fail(ErrorKind::ValueError, std::string(name) + " must have shape [" +
-                                        std::to_string(channels) + "] (C of input_x), got " +
-                                        shape_string(t.shape));
-    }
-    check_dims_and_data(t, name);
-}
-
-// The pipeline's view of input_x: NCHW as (inner, c, n), NHWC as (c, m).
-struct DataView {
-    bool nchw;
-    int64_t inner, channels, outer;  // NHWC: inner == 1, outer == m
-    int64_t values_per_channel() const { return inner * outer; }
-};
-
-DataView view_of(const Tensor &x, Layout layout) {
-    const auto &s = x.shape;
-    const size_t rank = s.size();
-    DataView v{};
-    if (layout == Layout::NCHW) {
-        v.outer = s[0];
-        v.channels = s[1];
-        v.inner = 1;
-        for (size_t i = 2; i < rank; i++) {
-            v.inner *= s[i];
-        }
-    } else {
-        v.channels = s[rank - 1];
-        v.inner = 1;
-        v.outer = 1;
-        for (size_t i = 0; i + 1 < rank; i++) {
-            v.outer *= s[i];
-        }
-    }
-    // With no spatial extent, channels are the dense axis: (N, C) is NHWC.
-    v.nchw = layout == Layout::NCHW && v.inner > 1;
-    if (!v.nchw) {
-        v.outer *= v.inner;
-        v.inner = 1;
-    }
-    constexpr int64_t int32_max = std::numeric_limits<int32_t>::max();
-    const int64_t largest_stride = v.nchw ? v.inner * v.channels : v.channels;
-    if (v.inner > int32_max || v.outer > int32_max || largest_stride > int32_max) {
-        fail(ErrorKind::ValueError, "input_x shape " + shape_string(s) +
-                                        " needs an extent or stride beyond 2^31 - 1 elements");
-    }
-    return v;
-}
-
-DataView validate(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
-                  const Tensor &weight, const Tensor &bias, const Tensor &output,
-                  const BatchNormOptions &options, bool training) {
-    // NaN fails both comparisons, as it must.
-    if (!(options.eps > 0 && options.eps <= 1)) {
-        fail(ErrorKind::ValueError, "options.eps must be in (0, 1], got " + std::to_string(options.eps));
-    }
-    if (!(options.momentum >= 0 && options.momentum <= 1)) {
-        fail(ErrorKind::ValueError,
-             "options.momentum must be in [0, 1], got " + std::to_string(options.momentum));
-    }
-    if (options.layout != Layout::NCHW && options.layout != Layout::NHWC) {
-        fail(ErrorKind::ValueError, "options.layout is not NCHW or NHWC");
-    }
-    if (options.device != Device::Auto && options.device != Device::CPU &&
-        options.device != Device::OpenCL && options.device != Device::CUDA) {
-        fail(ErrorKind::ValueError, "options.device is not a known Device");
-    }
-
-    if (!valid_dtype(x.dtype)) {
-        fail(ErrorKind::TypeError, "input_x dtype must be Float16 or Float32");
-    }
-    if (!valid_dtype(output.dtype)) {
-        fail(ErrorKind::TypeError, "output dtype must be Float16 or Float32");
-    }
-    if (output.dtype != x.dtype) {
-        fail(ErrorKind::TypeError, std::string("output dtype ") + dtype_name(output.dtype) +
-                                       " differs from input_x dtype " + dtype_name(x.dtype));
-    }
-    const std::array<std::pair<const Tensor *, const char *>, 4> params = {{
-        {&running_mean, "running_mean"},
-        {&running_var, "running_var"},
-        {&weight, "weight"},
-        {&bias, "bias"},
-    }};
-    for (const auto &[param, name] : params) {
-        if (!valid_dtype(param->dtype)) {
-            fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float16 or Float32");
-        }
-        if (param->dtype != running_mean.dtype) {
-            fail(ErrorKind::TypeError, std::string(name) + " dtype " + dtype_name(param->dtype) +
-                                           " differs from running_mean dtype " +
-                                           dtype_name(running_mean.dtype));
-        }
-    }
-
-    if (x.shape.size() < 2) {
-        fail(ErrorKind::ValueError,
-             "input_x must have rank >= 2, got shape " + shape_string(x.shape));
-    }
-    check_dims_and_data(x, "input_x");
-    if (output.shape != x.shape) {
-        fail(ErrorKind::ValueError, "output shape " + shape_string(output.shape) +
-                                        " differs from input_x shape " + shape_string(x.shape));
-    }
-    check_dims_and_data(output, "output");
-    check_memory(x, "input_x", true);
-    check_memory(output, "output", true);
-    if (output.memory != x.memory) {
-        fail(ErrorKind::ValueError, std::string("output is ") + memory_name(output.memory) +
-                                        " memory but input_x is " + memory_name(x.memory) +
-                                        " memory; they must live in the same place");
-    }
-    const DataView view = view_of(x, options.layout);
-    for (const auto &[param, name] : params) {
-        check_channel_vector(*param, name, view.channels);
-        check_memory(*param, name, false);
-    }
-    if (training && view.values_per_channel() < 2) {
-        fail(ErrorKind::ValueError,
-             "training needs more than one value per channel to form a variance, but input_x shape " +
-                 shape_string(x.shape) + " has " + std::to_string(view.values_per_channel()));
-    }
-    return view;
-}
-
-void check_saved_statistic(const Tensor &t, const char *name, int64_t channels) {
-    if (t.dtype != DType::Float32) {
-        fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float32");
-    }
-    check_channel_vector(t, name, channels);
-    check_memory(t, name, false);
-}
+using internal::DataView;
 
 // ---------------------------------------------------------------------------
 // Halide buffers over the caller's memory.
@@ -433,9 +235,9 @@ void call_pipeline(Device device, std::initializer_list<CallBuffer> inputs,
 // The generated functions.
 
 using InferenceFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
-                            halide_buffer_t *, halide_buffer_t *, float, halide_buffer_t *);
+                            halide_buffer_t *, halide_buffer_t *, double, bool, halide_buffer_t *);
 using TrainingFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
-                           float, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                           double, bool, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
                            halide_buffer_t *);
 
 // CPU kernels, indexed by [dtype][nchw][parallel].
@@ -528,7 +330,8 @@ struct StreamedInference {
     halide_buffer_t input;  // whole-tensor views, as the kernel would get them
     uint8_t *output;
     halide_buffer_t *mean, *var, *weight, *bias;
-    float eps;
+    double eps;
+    bool scale_in_double;
     int32_t rows_per_chunk, chunks_per_item, chunks;
 
     struct Chunk {
@@ -566,7 +369,7 @@ struct StreamedInference {
             input.host = job.input.host + chunk.offset * element_bytes;
             staged.host = scratch.data();
             const int status = job.chunk_kernel(user_context, &input, job.mean, job.var, job.weight,
-                                                job.bias, job.eps, &staged);
+                                                job.bias, job.eps, job.scale_in_double, &staged);
             if (status != 0) {
                 return status;
             }
@@ -582,7 +385,8 @@ struct StreamedInference {
 // (a serial inference kernel) and streaming stores.
 int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_buffer_t *input,
                            halide_buffer_t *mean, halide_buffer_t *var, halide_buffer_t *weight,
-                           halide_buffer_t *bias, float eps, halide_buffer_t *output) {
+                           halide_buffer_t *bias, double eps, bool scale_in_double,
+                           halide_buffer_t *output) {
     const halide_dimension_t &row = input->dim[0], &rows = input->dim[1];
     const int64_t row_bytes = int64_t(row.extent) * input->type.bytes();
     const auto rows_per_chunk = static_cast<int32_t>(
@@ -590,7 +394,7 @@ int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_
     const int32_t chunks_per_item = (rows.extent + rows_per_chunk - 1) / rows_per_chunk;
     const int32_t items = input->dimensions == 3 ? input->dim[2].extent : 1;  // NCHW's N
     const int32_t chunks = chunks_per_item * items;
-    StreamedInference job{chunk_kernel, *input, output->host, mean, var, weight, bias, eps,
+    StreamedInference job{chunk_kernel, *input, output->host, mean, var, weight, bias, eps, scale_in_double,
                           rows_per_chunk, chunks_per_item, chunks};
     return halide_do_par_for(user_context, StreamedInference::run_task, 0,
                              (chunks + chunks_per_task - 1) / chunks_per_task,
@@ -601,7 +405,7 @@ bool streams_output(DType, const DataView &) {
     return false;
 }
 int run_streamed_inference(void *, InferenceFn, halide_buffer_t *, halide_buffer_t *,
-                           halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, float,
+                           halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, double, bool,
                            halide_buffer_t *) {
     return -1;  // unreachable: streams_output() is false
 }
@@ -653,22 +457,28 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
          const Tensor &weight, const Tensor &bias, const Tensor &output,
          const Tensor *saved_mean, const Tensor *saved_inv_std,
          const BatchNormOptions &options, bool training) {
-    const DataView view = validate(x, running_mean, running_var, weight, bias, output, options, training);
-    if (saved_mean != nullptr) {
-        check_saved_statistic(*saved_mean, "saved_mean", view.channels);
-        check_saved_statistic(*saved_inv_std, "saved_inv_std", view.channels);
-    }
+    const DataView view = internal::validate_forward(
+        {x, running_mean, running_var, weight, bias, output, saved_mean, saved_inv_std}, options, training);
     const Device device = internal::backend_for_call(options.device, x.memory);
-    const int64_t channels = view.channels;
-    if (channels == 0 || view.values_per_channel() == 0) {
+    if (view.empty()) {
         return;  // nothing to normalize, nothing to learn
     }
+    const int64_t channels = view.channels;
     internal::install_error_handler();
 
     HalideBuffer input_buffer(x, view);
     HalideBuffer output_buffer(output, view);
     ChannelFloats weight_f32(weight, channels), bias_f32(bias, channels);
-    const auto eps = static_cast<float>(options.eps);
+    const double eps = options.eps;
+    // Whether some channel's weight / sqrt(var + eps) may leave float's
+    // range, so that the kernels normalize in double (see
+    // generators/batch_norm_common.h). NaN weights take the double path too.
+    float largest_weight = 0;
+    for (int64_t c = 0; c < channels; c++) {
+        largest_weight = std::max(largest_weight, std::abs(weight_f32[c]));
+    }
+    const bool scale_in_double =
+        !(largest_weight / std::sqrt(eps) <= std::numeric_limits<float>::max());
     const Kernels kernels = kernels_for(device, x.dtype, view);
 
     if (!training) {
@@ -683,11 +493,11 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
                     return run_streamed_inference(context, kernels.streamed_chunk,
                                                   input_buffer.get(), mean_f32.buffer(),
                                                   var_f32.buffer(), weight_f32.buffer(),
-                                                  bias_f32.buffer(), eps, output_buffer.get());
+                                                  bias_f32.buffer(), eps, scale_in_double, output_buffer.get());
                 }
                 return kernels.inference(context, input_buffer.get(), mean_f32.buffer(),
                                          var_f32.buffer(), weight_f32.buffer(), bias_f32.buffer(),
-                                         eps, output_buffer.get());
+                                         eps, scale_in_double, output_buffer.get());
             },
             "hbn::batch_norm: inference pipeline");
         return;
@@ -707,7 +517,7 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
         [&](void *context) {
             if (!kernels.streamed_chunk) {
                 return kernels.training(context, input_buffer.get(), weight_f32.buffer(),
-                                        bias_f32.buffer(), eps, output_buffer.get(),
+                                        bias_f32.buffer(), eps, scale_in_double, output_buffer.get(),
                                         mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
             }
             // A large output is streamed: the training kernel computes only
@@ -717,14 +527,14 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
             HalideBuffer no_rows = output_buffer;
             no_rows.dims[no_rows.buffer.dimensions - 1].extent = 0;
             const int status = kernels.training(context, input_buffer.get(), weight_f32.buffer(),
-                                                bias_f32.buffer(), eps, no_rows.get(),
+                                                bias_f32.buffer(), eps, scale_in_double, no_rows.get(),
                                                 mean_buffer.get(), var_buffer.get(),
                                                 inv_std_buffer.get());
             return status != 0 ? status
                                : run_streamed_inference(context, kernels.streamed_chunk,
                                                         input_buffer.get(), mean_buffer.get(),
                                                         var_buffer.get(), weight_f32.buffer(),
-                                                        bias_f32.buffer(), eps, output_buffer.get());
+                                                        bias_f32.buffer(), eps, scale_in_double, output_buffer.get());
         },
         "hbn::batch_norm: training pipeline");
 

@@ -4,7 +4,9 @@
 // under environment variables that change the probe (tests/CMakeLists.txt).
 #include "test_util.h"
 
+#include <csignal>
 #include <cstdlib>
+#include <fstream>
 #include <tuple>
 
 #ifdef HBN_TEST_OPENCL
@@ -24,6 +26,56 @@ using hbn::Layout;
 
 bool has(const std::string &text, const std::string &part) {
     return text.find(part) != std::string::npos;
+}
+
+// The shared objects mapped into this process whose path contains `part`.
+bool mapped(const std::string &part) {
+    std::ifstream maps("/proc/self/maps");
+    for (std::string line; std::getline(maps, line);) {
+        if (has(line, part)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+struct sigaction handler_of(int signal) {
+    struct sigaction action {};
+    sigaction(signal, nullptr, &action);
+    return action;
+}
+
+// A call that runs on the CPU loads no GPU driver: PoCL would bring LLVM,
+// which replaces the program's signal handlers. Explicit Device::CPU always;
+// Device::Auto too under HBN_DEVICE=cpu (ctest runs this test both ways).
+TEST(Isolation, CpuCallsLoadNoGpuDriver) {
+    const std::vector<int> signals = {SIGSEGV, SIGABRT, SIGBUS, SIGILL, SIGFPE, SIGINT, SIGTERM};
+    std::vector<void (*)(int)> before;
+    for (int signal : signals) {
+        before.push_back(handler_of(signal).sa_handler);
+    }
+    std::vector<Device> devices = {Device::CPU};
+    const char *forced = std::getenv("HBN_DEVICE");
+    if (forced && std::string(forced) == "cpu") {
+        devices.push_back(Device::Auto);
+    }
+    for (Device device : devices) {
+        BatchNormCase t({2, 3, 4, 5}, Layout::NCHW, DType::Float32, DType::Float32, true);
+        t.options.device = device;
+        const ReferenceResult expected = t.reference();
+        t.run();
+        expect_close(t.output.values(), expected.output, output_tolerance(DType::Float32), "output");
+        EXPECT_TRUE(hbn::backend_status(device).usable);
+    }
+    EXPECT_FALSE(mapped("libpocl")) << "PoCL was loaded";
+    EXPECT_FALSE(mapped("libLLVM")) << "LLVM was loaded";
+    EXPECT_FALSE(mapped("libcuda")) << "the CUDA driver was loaded";
+    for (size_t i = 0; i < signals.size(); i++) {
+        EXPECT_EQ(handler_of(signals[i]).sa_handler, before[i]) << "signal " << signals[i] << "'s handler changed";
+    }
+    stack_t alternate{};
+    sigaltstack(nullptr, &alternate);
+    EXPECT_TRUE(alternate.ss_flags & SS_DISABLE) << "an alternate signal stack was installed";
 }
 
 TEST(Backend, AutoRunsOnAUsableBackend) {

@@ -4,6 +4,7 @@
 // float16 conversions, exactly: every value in, and rounding on the way out.
 #include "test_util.h"
 
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
@@ -19,20 +20,17 @@ using hbn::Layout;
 void check_training_statistics(BatchNormCase &t, double variance_tolerance, const char *label) {
     const ReferenceResult expected = t.reference();
     const auto channels = static_cast<int64_t>(expected.batch_mean.size());
-    HostTensor saved_mean(DType::Float32, {channels}, std::vector<double>(channels, 0));
-    HostTensor saved_inv_std(DType::Float32, {channels}, std::vector<double>(channels, 0));
-    hbn::batch_norm_training(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
-                             t.bias.view(), t.output.view(), saved_mean.view(), saved_inv_std.view(), t.options);
+    const BatchNormCase::SavedStatistics saved = t.run_training();
 
     for (int64_t c = 0; c < channels; c++) {
         // hbn's biased batch variance, recovered from its float32 1/sqrt(var + eps).
-        const double inv_std = saved_inv_std.get(c);
+        const double inv_std = saved.inv_std.get(c);
         const double var = 1 / (inv_std * inv_std) - t.options.eps;
         const double rel = std::abs(var - expected.batch_var[c]) / expected.batch_var[c];
         std::printf("%s channel %lld: variance %.9g, reference %.9g, relative error %.2e\n", label,
                     static_cast<long long>(c), var, expected.batch_var[c], rel);
         EXPECT_LE(rel, variance_tolerance) << label << " channel " << c;
-        EXPECT_NEAR(saved_mean.get(c), expected.batch_mean[c], 1e-6 * std::abs(expected.batch_mean[c]));
+        EXPECT_NEAR(saved.mean.get(c), expected.batch_mean[c], 1e-6 * std::abs(expected.batch_mean[c]));
     }
     expect_close(t.running_var.values(), expected.running_var, 2e-6, "running_var");
     // float32 cannot hold x - mean to better than half an ulp of x (5e-4 at
@@ -138,6 +136,71 @@ TEST_P(Float16Conversions, OutputsRoundToNearestEven) {
 
 INSTANTIATE_TEST_SUITE_P(Numerics, Float16Conversions, ::testing::Values(Layout::NCHW, Layout::NHWC),
                          [](const auto &info) { return info.param == Layout::NCHW ? "nchw" : "nhwc"; });
+
+// Every eps in (0, 1] counts at full precision. A constant channel (training)
+// or a zero running variance (inference) makes 1 / sqrt(var + eps) as large
+// as 4.5e161 (eps = 5e-324), far beyond float32: a constant channel must still
+// give exactly bias, and other values the reference rounded to the output
+// dtype (inf where it overflows). eps below 1.4e-45 used to become 0 in
+// float32, and 1e-45 became 1.4e-45.
+class TinyEps : public ::testing::TestWithParam<double> {};
+
+TEST_P(TinyEps, TrainingConstantChannelGivesBias) {
+    const double eps = GetParam();
+    for (DType dtype : {DType::Float32, DType::Float16}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            BatchNormCase t({4, 3, 5, 6}, layout, dtype, DType::Float32, true, 31);
+            t.options.eps = eps;
+            const Geometry g(t.shape, layout);
+            for (int64_t k = 0; k < g.values_per_channel; k++) {
+                t.x.set(g.offset(1, k), 3.140625);  // exactly representable in float16
+            }
+            const ReferenceResult expected = t.reference();
+            const BatchNormCase::SavedStatistics saved = t.run_training();
+            const double bias = rounded(dtype, {t.bias.get(1)})[0];
+            for (int64_t k = 0; k < g.values_per_channel; k++) {
+                ASSERT_EQ(t.output.get(g.offset(1, k)), bias) << "eps " << eps << ", value " << k;
+            }
+            expect_close(t.output.values(), rounded(dtype, expected.output), output_tolerance(dtype), "output");
+            expect_close(saved.inv_std.values(), rounded(DType::Float32, expected.inv_std), 1e-6, "saved_inv_std");
+            expect_close(t.running_var.values(), expected.running_var, 2e-6, "running_var");
+        }
+    }
+}
+
+TEST_P(TinyEps, InferenceWithZeroRunningVariance) {
+    const double eps = GetParam();
+    for (DType dtype : {DType::Float32, DType::Float16}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            BatchNormCase t({4, 3, 5, 6}, layout, dtype, DType::Float32, false, 37);
+            t.options.eps = eps;
+            t.running_var.set(1, 0);
+            t.running_mean.set(1, 0.25);
+            const Geometry g(t.shape, layout);
+            for (int64_t k = 0; k < g.values_per_channel; k++) {
+                // At the mean (y = bias exactly), and 0.25 or 2^-14 away from it.
+                t.x.set(g.offset(1, k), k % 3 == 0 ? 0.25 : k % 3 == 1 ? 0.5 : 0.25 + 0x1p-14);
+            }
+            const ReferenceResult expected = t.reference();
+            t.run();
+            expect_close(t.output.values(), rounded(dtype, expected.output), output_tolerance(dtype),
+                         "eps " + std::to_string(eps) + " output");
+        }
+    }
+}
+
+std::string eps_name(const ::testing::TestParamInfo<double> &info) {
+    std::string name = std::to_string(info.index) + "_";
+    char value[32];
+    std::snprintf(value, sizeof(value), "%g", info.param);
+    for (const char *p = value; *p; p++) {
+        name += std::isalnum(static_cast<unsigned char>(*p)) ? *p : '_';
+    }
+    return name;
+}
+
+INSTANTIATE_TEST_SUITE_P(Numerics, TinyEps, ::testing::Values(5e-324, 1e-300, 1e-45, 1e-38, 1e-5, 1.0),
+                         eps_name);
 
 }  // namespace
 }  // namespace hbn_test

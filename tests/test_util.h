@@ -128,7 +128,26 @@ struct BatchNormCase {
         hbn::batch_norm(x.view(), running_mean.view(), running_var.view(), weight.view(), bias.view(),
                         output.view(), options);
     }
+
+    // batch_norm_training, which also returns the batch statistics.
+    struct SavedStatistics {
+        HostTensor mean, inv_std;
+    };
+    SavedStatistics run_training() {
+        const int64_t channels = running_mean.view().shape[0];
+        SavedStatistics saved{HostTensor(hbn::DType::Float32, {channels}, std::vector<double>(channels, 0)),
+                              HostTensor(hbn::DType::Float32, {channels}, std::vector<double>(channels, 0))};
+        hbn::batch_norm_training(x.view(), running_mean.view(), running_var.view(), weight.view(), bias.view(),
+                                 output.view(), saved.mean.view(), saved.inv_std.view(), options);
+        return saved;
+    }
 };
+
+// Reference values as a tensor of `dtype` stores them (an overflow becomes
+// inf, as it must in hbn's output).
+inline std::vector<double> rounded(hbn::DType dtype, const std::vector<double> &values) {
+    return HostTensor(dtype, {static_cast<int64_t>(values.size())}, values).values();
+}
 
 // Skips a test about the CPU kernels when the suite runs on a GPU backend
 // (ctest's HBN_DEVICE).

@@ -20,6 +20,8 @@ struct BadCall {
     const char *names_argument;  // substring the message must contain
     bool training;
     std::function<void(BatchNormCase &)> spoil;
+    // The call to make, where it is not t.run() (tensors sharing memory).
+    std::function<void(BatchNormCase &)> call = nullptr;
 };
 
 void PrintTo(const BadCall &call, std::ostream *os) {
@@ -35,7 +37,7 @@ TEST_P(Validation, RaisesNamedErrorAndChangesNothing) {
     const auto mean_before = t.running_mean.bytes(), var_before = t.running_var.bytes();
     const auto output_before = t.output.bytes();
     try {
-        t.run();
+        call.call ? call.call(t) : t.run();
         FAIL() << "no hbn::Error for " << call.name;
     } catch (const hbn::Error &e) {
         EXPECT_EQ(static_cast<int>(e.kind()), static_cast<int>(call.kind)) << e.what();
@@ -52,6 +54,37 @@ HostTensor with_dtype(const HostTensor &t, DType dtype, std::vector<int64_t> sha
 }
 
 const double nan = std::numeric_limits<double>::quiet_NaN();
+
+// A shape whose element count overflows int64, with a small buffer behind it.
+void huge_input(BatchNormCase &t, DType dtype, const std::vector<int64_t> &shape) {
+    t.x = HostTensor(dtype, shape, std::vector<double>(64, 1));
+    t.output = HostTensor(dtype, shape, std::vector<double>(64, 0));
+}
+
+// batch_norm with some tensors replaced by views of others' memory.
+struct Views {
+    hbn::Tensor x, running_mean, running_var, weight, bias, output;
+};
+Views views_of(BatchNormCase &t) {
+    return {t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(), t.bias.view(),
+            t.output.view()};
+}
+void call_with(BatchNormCase &t, const Views &v) {
+    hbn::batch_norm(v.x, v.running_mean, v.running_var, v.weight, v.bias, v.output, t.options);
+}
+// A view of `t`'s memory starting `offset_bytes` in; the tensor is given a
+// spare element so that the view stays inside it.
+hbn::Tensor shifted(HostTensor &t, std::vector<int64_t> shape, size_t offset_bytes) {
+    hbn::Tensor view = t.view();
+    view.data = static_cast<unsigned char *>(view.data) + offset_bytes;
+    view.shape = std::move(shape);
+    return view;
+}
+HostTensor with_spare_element(const HostTensor &t, DType dtype) {
+    std::vector<double> values = t.values();
+    values.push_back(0);
+    return HostTensor(dtype, {static_cast<int64_t>(values.size())}, values);
+}
 
 INSTANTIATE_TEST_SUITE_P(
     Errors, Validation,
@@ -112,6 +145,90 @@ INSTANTIATE_TEST_SUITE_P(
                     t.x.relabel(hbn::Memory::OpenCL);
                     t.output.relabel(hbn::Memory::OpenCL);
                     t.options.device = hbn::Device::CPU;
+                }},
+        // Element counts that overflow int64: the products must not wrap
+        // into a small or negative count that passes.
+        BadCall{"count_wraps_negative", ErrorKind::ValueError, "input_x", true,
+                [](auto &t) {
+                    const int64_t huge = std::numeric_limits<int64_t>::max() - 2;  // 2^63 - 3
+                    huge_input(t, DType::Float32, {5, huge, 6});
+                    for (HostTensor *param : {&t.running_mean, &t.running_var, &t.weight, &t.bias}) {
+                        *param = HostTensor(DType::Float16, {huge}, {1, 2, 3});
+                    }
+                }},
+        BadCall{"count_wraps_small", ErrorKind::ValueError, "input_x", false,
+                [](auto &t) { huge_input(t, DType::Float32, {1, 1, (int64_t(1) << 62) + 1, 4}); }},
+        BadCall{"count_wraps_float16", ErrorKind::ValueError, "input_x", false,
+                [](auto &t) { huge_input(t, DType::Float16, {2, 3, 3037000500, 3037000500}); }},
+        BadCall{"bytes_overflow", ErrorKind::ValueError, "input_x", false,
+                [](auto &t) { huge_input(t, DType::Float32, {1, 3, int64_t(1) << 60, 2}); }},  // 3 * 2^61 elements
+        // Element-aligned data only (alignment rule of the header).
+        BadCall{"misaligned_input", ErrorKind::ValueError, "input_x.data is not aligned", false,
+                [](auto &t) { t.x = with_spare_element(t.x, DType::Float32); },
+                [](auto &t) {
+                    Views v = views_of(t);
+                    v.x = shifted(t.x, {4, 3, 5}, 1);
+                    call_with(t, v);
+                }},
+        BadCall{"misaligned_running_var", ErrorKind::ValueError, "running_var.data is not aligned", true,
+                [](auto &t) { t.running_var = with_spare_element(t.running_var, DType::Float32); },
+                [](auto &t) {
+                    Views v = views_of(t);
+                    v.running_var = shifted(t.running_var, {3}, 2);
+                    call_with(t, v);
+                }},
+        // Aliasing: a tensor hbn writes shares memory with another argument.
+        BadCall{"running_mean_is_running_var", ErrorKind::ValueError, "running_mean and running_var", true,
+                [](auto &) {},
+                [](auto &t) {
+                    Views v = views_of(t);
+                    v.running_var = v.running_mean;
+                    call_with(t, v);
+                }},
+        BadCall{"running_var_inside_output", ErrorKind::ValueError, "output and running_var", true,
+                [](auto &) {},
+                [](auto &t) {
+                    Views v = views_of(t);
+                    v.running_var = shifted(t.output, {3}, 8);
+                    call_with(t, v);
+                }},
+        BadCall{"inference_output_over_running_var", ErrorKind::ValueError, "output and running_var", false,
+                [](auto &) {},
+                [](auto &t) {
+                    Views v = views_of(t);
+                    v.running_var = shifted(t.output, {3}, 0);
+                    call_with(t, v);
+                }},
+        BadCall{"output_overlaps_input_shifted", ErrorKind::ValueError, "input_x and output", false,
+                [](auto &t) { t.x = with_spare_element(t.x, DType::Float32); },
+                [](auto &t) {
+                    Views v = views_of(t);
+                    v.x = shifted(t.x, {4, 3, 5}, 0);
+                    v.output = shifted(t.x, {4, 3, 5}, 4);
+                    call_with(t, v);
+                }},
+        BadCall{"weight_is_running_mean", ErrorKind::ValueError, "running_mean and weight", true,
+                [](auto &) {},
+                [](auto &t) {
+                    Views v = views_of(t);
+                    v.weight = v.running_mean;
+                    call_with(t, v);
+                }},
+        BadCall{"saved_mean_is_running_mean", ErrorKind::ValueError, "running_mean and saved_mean", true,
+                [](auto &) {},
+                [](auto &t) {
+                    HostTensor saved_inv_std(DType::Float32, {3}, {0, 0, 0});
+                    hbn::batch_norm_training(t.x.view(), t.running_mean.view(), t.running_var.view(),
+                                             t.weight.view(), t.bias.view(), t.output.view(),
+                                             t.running_mean.view(), saved_inv_std.view(), t.options);
+                }},
+        BadCall{"saved_inv_std_is_saved_mean", ErrorKind::ValueError, "saved_mean and saved_inv_std", true,
+                [](auto &) {},
+                [](auto &t) {
+                    HostTensor saved(DType::Float32, {3}, {0, 0, 0});
+                    hbn::batch_norm_training(t.x.view(), t.running_mean.view(), t.running_var.view(),
+                                             t.weight.view(), t.bias.view(), t.output.view(), saved.view(),
+                                             saved.view(), t.options);
                 }}),
     [](const auto &info) { return std::string(info.param.name); });
 

@@ -6,14 +6,17 @@
 // variable only unset.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 namespace hbn_test {
 
 struct VariantRecord {
     std::string forced;   // empty when none is forced
-    int queries = 0;      // variants offered by the generated wrappers
-    int rejections = 0;   // of which the forced level refused
+    // Atomic: the wrappers of kernels called from several threads at once
+    // ask concurrently.
+    std::atomic<int> queries{0};     // variants offered by the generated wrappers
+    std::atomic<int> rejections{0};  // of which the forced level refused
 };
 
 // Installs the hook (call before the first batch_norm); returns false for an

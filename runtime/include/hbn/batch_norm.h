@@ -30,7 +30,16 @@ enum class Device { Auto, CPU, OpenCL, CUDA };
 // Host tensors given to a GPU backend are copied in and out.
 enum class Memory { Host, OpenCL, CUDA };
 
-// Non-owning view of a dense, row-major buffer.
+// Non-owning view of a dense, row-major buffer. Host data must be aligned to
+// its element size (4 bytes for Float32, 2 for Float16).
+//
+// Aliasing: a tensor that a call writes (output; running_mean and
+// running_var in training; saved_mean and saved_inv_std) may share no byte
+// with another argument, except that output may be input_x itself (the same
+// data pointer: the call normalizes in place). Tensors that a call only reads
+// may share memory (weight == bias; running_mean == running_var in
+// inference). A violation is a ValueError naming both tensors. Device
+// tensors are compared by handle only.
 struct Tensor {
     void *data = nullptr;
     DType dtype = DType::Float32;
@@ -69,8 +78,10 @@ private:
 //   running_var  = (1 - momentum) * running_var  + momentum * batch_var * M / (M - 1)
 // where M is the number of values per channel.
 // input_x and output: Float16 or Float32, the same dtype and shape (output may
-// alias input_x). running_mean, running_var, weight, bias: shape {C}, one
-// dtype, which need not be input_x's. On any error nothing is written.
+// be input_x). running_mean, running_var, weight, bias: shape {C}, one
+// dtype, which need not be input_x's. eps may be any value in (0, 1]. An
+// empty input_x is a no-op in inference, whatever its other extents. On any
+// error nothing is written.
 void batch_norm(const Tensor &input_x, const Tensor &running_mean, const Tensor &running_var,
                 const Tensor &weight, const Tensor &bias, const Tensor &output,
                 const BatchNormOptions &options = {});
@@ -86,8 +97,9 @@ void batch_norm_training(const Tensor &input_x, const Tensor &running_mean,
 
 // Backends ------------------------------------------------------------------
 
-// What a backend can do in this process. Probed once, on first use, and
-// thread-safe.
+// What a backend can do in this process. Each backend is probed once, when
+// first needed (thread-safe), and only then: a call on Device::CPU, or on
+// Device::Auto under HBN_DEVICE=cpu, loads no GPU driver.
 struct BackendStatus {
     bool built = false;   // compiled into this hbn (CMake HBN_BACKENDS)
     bool usable = false;  // built, with a driver and a device
@@ -97,9 +109,13 @@ BackendStatus backend_status(Device device);
 
 // The backend Device::Auto runs on: CUDA when usable, else OpenCL when its
 // device is a GPU or an accelerator (an OpenCL CPU device, such as PoCL, is
-// slower than the CPU backend), else the CPU. The environment variable
-// HBN_DEVICE=cpu|opencl|cuda overrides the choice; HBN_LOG_DEVICE=1 prints it,
-// with every backend's status, to stderr when it is made.
+// slower than the CPU backend), else the CPU. Choosing probes CUDA (it opens
+// libcuda.so and calls cuInit) and OpenCL (libOpenCL.so and its drivers; PoCL
+// loads LLVM, which installs handlers for SIGSEGV, SIGABRT, SIGBUS, SIGILL,
+// SIGFPE, SIGINT and SIGTERM and an alternate signal stack). The environment
+// variable HBN_DEVICE=cpu|opencl|cuda makes the choice without probing;
+// HBN_LOG_DEVICE=1 prints it, with the status of the backends probed for it,
+// to stderr when it is made.
 Device auto_device();
 
 const char *device_name(Device device);  // "Auto", "CPU", "OpenCL", "CUDA"
