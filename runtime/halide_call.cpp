@@ -7,7 +7,11 @@
 #include <functional>
 #include <thread>
 
-namespace hbn::internal {
+namespace hbn {
+
+Error::Error(ErrorKind kind, std::string message) : kind_(kind), message_(std::move(message)) {}
+
+namespace internal {
 namespace {
 
 // hbn's live call contexts. The handler compares a user_context with these
@@ -91,4 +95,5 @@ void check_status(int status, const CallContext &context, const std::string &wha
     }
 }
 
-}  // namespace hbn::internal
+}  // namespace internal
+}  // namespace hbn

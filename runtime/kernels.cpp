@@ -1,0 +1,68 @@
+#include "kernels.h"
+
+#include "hbn_kernels.h"
+#include "streamed_output.h"
+
+namespace hbn::internal {
+namespace {
+
+// CPU kernels, indexed by [dtype][nchw][parallel].
+#define HBN_CPU_KERNELS(pipeline, type)                                                         \
+    {                                                                                           \
+        {hbn_batch_norm_##pipeline##_##type##_nhwc_serial,                                      \
+         hbn_batch_norm_##pipeline##_##type##_nhwc_parallel},                                   \
+        {hbn_batch_norm_##pipeline##_##type##_nchw_serial,                                      \
+         hbn_batch_norm_##pipeline##_##type##_nchw_parallel},                                   \
+    }
+constexpr InferenceFn cpu_inference_fns[2][2][2] = {HBN_CPU_KERNELS(inference, float16),
+                                                    HBN_CPU_KERNELS(inference, float32)};
+constexpr TrainingFn cpu_training_fns[2][2][2] = {HBN_CPU_KERNELS(training, float16),
+                                                  HBN_CPU_KERNELS(training, float32)};
+#undef HBN_CPU_KERNELS
+
+// GPU kernels of a backend, indexed by [dtype][nchw].
+#define HBN_GPU_KERNELS(pipeline, backend)                                                      \
+    {                                                                                           \
+        {hbn_batch_norm_##pipeline##_float16_nhwc_##backend,                                    \
+         hbn_batch_norm_##pipeline##_float16_nchw_##backend},                                   \
+        {hbn_batch_norm_##pipeline##_float32_nhwc_##backend,                                    \
+         hbn_batch_norm_##pipeline##_float32_nchw_##backend},                                   \
+    }
+#ifdef HBN_BACKEND_OPENCL
+constexpr InferenceFn opencl_inference_fns[2][2] = HBN_GPU_KERNELS(inference, opencl);
+constexpr TrainingFn opencl_training_fns[2][2] = HBN_GPU_KERNELS(training, opencl);
+#endif
+#ifdef HBN_BACKEND_CUDA
+constexpr InferenceFn cuda_inference_fns[2][2] = HBN_GPU_KERNELS(inference, cuda);
+constexpr TrainingFn cuda_training_fns[2][2] = HBN_GPU_KERNELS(training, cuda);
+#endif
+#undef HBN_GPU_KERNELS
+
+// Below this many elements a CPU call runs on the serial kernels: waking the
+// thread pool costs more than the work.
+constexpr int64_t serial_threshold = 16 * 1024;
+
+}  // namespace
+
+Kernels kernels_for(Device device, DType dtype, const DataView &view) {
+    const int type = dtype == DType::Float32 ? 1 : 0;
+    const bool nchw = view.nchw;
+#ifdef HBN_BACKEND_OPENCL
+    if (device == Device::OpenCL) {
+        return {opencl_inference_fns[type][nchw], opencl_training_fns[type][nchw]};
+    }
+#endif
+#ifdef HBN_BACKEND_CUDA
+    if (device == Device::CUDA) {
+        return {cuda_inference_fns[type][nchw], cuda_training_fns[type][nchw]};
+    }
+#endif
+    const bool parallel = view.values_per_channel() * view.channels >= serial_threshold;
+    Kernels kernels{cpu_inference_fns[type][nchw][parallel], cpu_training_fns[type][nchw][parallel]};
+    if (streams_output(dtype, view)) {
+        kernels.streamed_chunk = cpu_inference_fns[type][nchw][false];
+    }
+    return kernels;
+}
+
+}  // namespace hbn::internal

@@ -1,0 +1,27 @@
+// The generated functions, and which of them a call runs.
+#pragma once
+
+#include "HalideRuntime.h"
+#include "hbn/batch_norm.h"
+#include "validation.h"
+
+namespace hbn::internal {
+
+using InferenceFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                            halide_buffer_t *, halide_buffer_t *, double, bool, halide_buffer_t *);
+using TrainingFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                           double, bool, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                           halide_buffer_t *);
+
+struct Kernels {
+    InferenceFn inference = nullptr;
+    TrainingFn training = nullptr;
+    // Set when the output is streamed: the serial inference kernel that
+    // writes each chunk.
+    InferenceFn streamed_chunk = nullptr;
+};
+
+// The kernels for a call on `device` over input_x's `view`.
+Kernels kernels_for(Device device, DType dtype, const DataView &view);
+
+}  // namespace hbn::internal
