@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -57,6 +58,12 @@ struct StreamedInference {
     double eps;
     bool scale_in_double;
     int32_t rows_per_chunk, chunks_per_item, chunks;
+    // Halide's thread pool hands the job to its workers, and their writes
+    // back, through synchronization that Halide compiles and ThreadSanitizer
+    // cannot see. These two atomics make both hand-offs visible to it, for
+    // one atomic operation per task.
+    std::atomic<bool> published{false};
+    mutable std::atomic<int32_t> tasks_done{0};
 
     struct Chunk {
         std::array<halide_dimension_t, 3> dims;
@@ -81,25 +88,32 @@ struct StreamedInference {
 
     static int run_task(void *user_context, int task, uint8_t *closure) {
         const auto &job = *reinterpret_cast<const StreamedInference *>(closure);
-        const size_t element_bytes = job.input.type.bytes();
+        job.published.load(std::memory_order_acquire);
+        const int status = job.run_chunks(user_context, task);
+        job.tasks_done.fetch_add(1, std::memory_order_release);
+        return status;
+    }
+
+    int run_chunks(void *user_context, int task) const {
+        const size_t element_bytes = input.type.bytes();
         thread_local std::vector<uint8_t> scratch;
         const int32_t first = task * chunks_per_task;
-        const int32_t last = std::min(first + chunks_per_task, job.chunks);
+        const int32_t last = std::min(first + chunks_per_task, chunks);
         for (int32_t c = first; c < last; c++) {
-            Chunk chunk = job.chunk_at(c);
+            Chunk chunk = chunk_at(c);
             scratch.resize(std::max(scratch.size(), chunk.bytes));
-            halide_buffer_t input = job.input, staged = job.input;
-            input.dim = staged.dim = chunk.dims.data();
-            input.host = job.input.host + chunk.offset * element_bytes;
+            halide_buffer_t chunk_input = input, staged = input;
+            chunk_input.dim = staged.dim = chunk.dims.data();
+            chunk_input.host = input.host + chunk.offset * element_bytes;
             staged.host = scratch.data();
-            const int status = job.chunk_kernel(user_context, &input, job.mean, job.var, job.weight,
-                                                job.bias, job.eps, job.scale_in_double, &staged);
+            const int status =
+                chunk_kernel(user_context, &chunk_input, mean, var, weight, bias, eps, scale_in_double, &staged);
             if (status != 0) {
                 return status;
             }
-            const Chunk next = c + 1 < last ? job.chunk_at(c + 1) : Chunk{};  // none: 0 bytes
-            stream_copy(job.output + chunk.offset * element_bytes, scratch.data(), chunk.bytes,
-                        job.input.host + next.offset * element_bytes, next.bytes);
+            const Chunk next = c + 1 < last ? chunk_at(c + 1) : Chunk{};  // none: 0 bytes
+            stream_copy(output + chunk.offset * element_bytes, scratch.data(), chunk.bytes,
+                        input.host + next.offset * element_bytes, next.bytes);
         }
         return 0;
     }
@@ -125,9 +139,12 @@ int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_
     const int32_t chunks = chunks_per_item * items;
     StreamedInference job{chunk_kernel, *input, output->host, mean, var, weight, bias, eps, scale_in_double,
                           rows_per_chunk, chunks_per_item, chunks};
-    return halide_do_par_for(user_context, StreamedInference::run_task, 0,
-                             (chunks + chunks_per_task - 1) / chunks_per_task,
-                             reinterpret_cast<uint8_t *>(&job));
+    job.published.store(true, std::memory_order_release);
+    const int status = halide_do_par_for(user_context, StreamedInference::run_task, 0,
+                                         (chunks + chunks_per_task - 1) / chunks_per_task,
+                                         reinterpret_cast<uint8_t *>(&job));
+    job.tasks_done.load(std::memory_order_acquire);
+    return status;
 }
 #else
 bool streams_output(DType, const DataView &) {

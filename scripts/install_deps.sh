@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages hbn needs that this machine lacks.
-#   scripts/install_deps.sh [demo|test|arm|bench|tune]   (default: test)
+#   scripts/install_deps.sh [demo|test|arm|sanitize|bench|tune]   (default: test)
 # arm: the test packages plus the aarch64 cross compiler and qemu-aarch64
 # (scripts/test_arm.sh builds GoogleTest from googletest's sources).
+# sanitize: the test packages plus clang 14 and its sanitizer and libFuzzer
+# runtimes (scripts/test_sanitize.sh, scripts/fuzz.sh).
 set -euo pipefail
 
 # ocl-icd-opencl-dev: the OpenCL headers the build needs and the libOpenCL.so
@@ -14,9 +16,10 @@ case "${1:-test}" in
     demo) ;;
     test) packages+=(libgtest-dev pocl-opencl-icd python3) ;;
     arm) packages+=(libgtest-dev googletest g++-aarch64-linux-gnu qemu-user) ;;
+    sanitize) packages+=(libgtest-dev clang-14 libclang-rt-14-dev) ;;
     bench) packages+=(libbenchmark-dev libdnnl-dev libtorch-dev python3-matplotlib) ;;
     tune) packages+=(python3) ;;
-    *) echo "usage: $0 [demo|test|arm|bench|tune]" >&2; exit 2 ;;
+    *) echo "usage: $0 [demo|test|arm|sanitize|bench|tune]" >&2; exit 2 ;;
 esac
 
 missing=()

@@ -2,8 +2,10 @@
 # Builds hbn with its tests and runs them all (ctest arguments may follow,
 # e.g. scripts/test.sh -L numerics), then the same for each checked-in
 # schedule source under the best x86 variant (scripts/test_schedules.sh;
-# HBN_TEST_SCHEDULES=0 skips it), then on aarch64 under qemu
-# (scripts/test_arm.sh, given the same arguments; HBN_TEST_ARM=0 skips it).
+# HBN_TEST_SCHEDULES=0 skips it), then under the sanitizers and the fuzzer
+# (scripts/test_sanitize.sh; HBN_TEST_SANITIZE=0 skips it), then on aarch64
+# under qemu (scripts/test_arm.sh, given the same arguments; HBN_TEST_ARM=0
+# skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh test
@@ -12,6 +14,9 @@ cmake --build build/test
 ctest --test-dir build/test --output-on-failure -j "$(nproc)" "$@"
 if [[ "${HBN_TEST_SCHEDULES:-}" != 0 ]]; then
     scripts/test_schedules.sh "$@"
+fi
+if [[ "${HBN_TEST_SANITIZE:-1}" != 0 ]]; then
+    scripts/test_sanitize.sh "$@"
 fi
 if [[ "${HBN_TEST_ARM:-1}" != 0 ]]; then
     scripts/test_arm.sh "$@"

@@ -9,6 +9,19 @@
 #include <fstream>
 #include <tuple>
 
+// LeakSanitizer's interface, in the sanitizer build (scripts/test_sanitize.sh).
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define HBN_TEST_LSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) && !defined(HBN_TEST_LSAN)
+#define HBN_TEST_LSAN 1
+#endif
+#ifdef HBN_TEST_LSAN
+#include <sanitizer/lsan_interface.h>
+#endif
+
 #ifdef HBN_TEST_OPENCL
 #define CL_TARGET_OPENCL_VERSION 120
 #include <CL/cl.h>
@@ -54,6 +67,8 @@ TEST(Isolation, CpuCallsLoadNoGpuDriver) {
     for (int signal : signals) {
         before.push_back(handler_of(signal).sa_handler);
     }
+    stack_t alternate_before{};  // a sanitizer may have installed one
+    sigaltstack(nullptr, &alternate_before);
     std::vector<Device> devices = {Device::CPU};
     const char *forced = std::getenv("HBN_DEVICE");
     if (forced && std::string(forced) == "cpu") {
@@ -75,7 +90,8 @@ TEST(Isolation, CpuCallsLoadNoGpuDriver) {
     }
     stack_t alternate{};
     sigaltstack(nullptr, &alternate);
-    EXPECT_TRUE(alternate.ss_flags & SS_DISABLE) << "an alternate signal stack was installed";
+    EXPECT_EQ(alternate.ss_sp, alternate_before.ss_sp) << "an alternate signal stack was installed";
+    EXPECT_EQ(alternate.ss_flags, alternate_before.ss_flags);
 }
 
 TEST(Backend, AutoRunsOnAUsableBackend) {
@@ -265,6 +281,13 @@ TEST(OpenCLErrors, KernelBuildFailureBecomesRuntimeError) {
     const auto var_before = t.running_var.bytes();
     halide_opencl_set_build_options("-hbn-no-such-option");
     try {
+        // Halide 14's OpenCL runtime never releases the cl_program whose
+        // build failed, and PoCL's stripped frames leave LeakSanitizer no
+        // name to suppress it by: it ignores what this one call allocates.
+        // (The OpenCL tests around it are leak-checked in full.)
+#ifdef HBN_TEST_LSAN
+        __lsan::ScopedDisabler failed_program_leaks;
+#endif
         t.run();
         ADD_FAILURE() << "the kernel build did not fail";
     } catch (const hbn::Error &e) {

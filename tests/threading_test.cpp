@@ -4,7 +4,7 @@
 #include "HalideRuntime.h"
 
 #include <atomic>
-
+#include <cmath>
 #include <thread>
 
 namespace hbn_test {
@@ -56,6 +56,55 @@ TEST(Threading, ConcurrentCallsOnDistinctDataAreCorrect) {
                      "thread " + std::to_string(i) + " output");
         expect_close(cases[i].running_var.values(), expected[i].running_var, 2e-6,
                      "thread " + std::to_string(i) + " running_var");
+    }
+}
+
+// Two concurrent calls whose outputs (64 MiB each) take the streamed path,
+// where hbn's own code runs on Halide's thread pool: the ThreadSanitizer job
+// runs this test. The reference is checked on a sample of the elements, so
+// that it stays quick under the sanitizer.
+TEST(Threading, ConcurrentStreamedOutputs) {
+    const std::vector<int64_t> shape = {16, 32, 182, 182};  // 67.8 MB of float32
+    const int64_t channels = shape[1], inner = shape[2] * shape[3];
+    const int64_t count = shape[0] * channels * inner;
+    const std::vector<float> mean = {0.5f, -1.0f}, var = {2.0f, 0.25f}, weight = {1.5f, -0.5f}, bias = {0.1f, 2.0f};
+    std::vector<float> x(count);
+    for (int64_t i = 0; i < count; i++) {
+        x[i] = static_cast<float>(i % 251) * 0.01f - 1;
+    }
+    std::vector<std::vector<float>> outputs(2, std::vector<float>(count));
+    std::vector<std::vector<float>> params(2 * 4);  // per call: mean, var, weight, bias
+    std::vector<std::thread> calls;
+    std::vector<std::string> errors(2);
+    for (int call = 0; call < 2; call++) {
+        for (int k = 0; k < 4; k++) {
+            const std::vector<float> &source = k == 0 ? mean : k == 1 ? var : k == 2 ? weight : bias;
+            params[call * 4 + k].assign(channels, source[call]);
+        }
+        calls.emplace_back([&, call] {
+            try {
+                const auto channel = [&](int k) {
+                    return hbn::Tensor{params[call * 4 + k].data(), DType::Float32, {channels}};
+                };
+                hbn::batch_norm({x.data(), DType::Float32, shape}, channel(0), channel(1), channel(2),
+                                channel(3), {outputs[call].data(), DType::Float32, shape});
+            } catch (const std::exception &e) {
+                errors[call] = e.what();
+            }
+        });
+    }
+    for (auto &call : calls) {
+        call.join();
+    }
+    for (int call = 0; call < 2; call++) {
+        ASSERT_EQ(errors[call], "") << "call " << call;
+        const double scale = weight[call] / std::sqrt(double(var[call]) + 1e-5);
+        std::vector<double> sampled, expected;
+        for (int64_t i = 0; i < count; i += 4099) {
+            sampled.push_back(outputs[call][i]);
+            expected.push_back((x[i] - double(mean[call])) * scale + bias[call]);
+        }
+        expect_close(sampled, expected, output_tolerance(DType::Float32), "call " + std::to_string(call));
     }
 }
 
