@@ -60,34 +60,44 @@ TEST(Threading, ConcurrentCallsOnDistinctDataAreCorrect) {
 }
 
 // Two concurrent calls whose outputs (64 MiB each) take the streamed path,
-// where hbn's own code runs on Halide's thread pool: the ThreadSanitizer job
-// runs this test. The reference is checked on a sample of the elements, so
-// that it stays quick under the sanitizer.
+// where hbn's own code runs on Halide's thread pool: inference on NCHW, and
+// training on NHWC (statistics first, then the streamed normalization). The
+// sanitizer jobs run this test rather than the slower LargeOutputs one; the
+// reference is checked on a sample of the elements, with the training
+// statistics from every element, in double.
 TEST(Threading, ConcurrentStreamedOutputs) {
-    const std::vector<int64_t> shape = {16, 32, 182, 182};  // 67.8 MB of float32
-    const int64_t channels = shape[1], inner = shape[2] * shape[3];
-    const int64_t count = shape[0] * channels * inner;
-    const std::vector<float> mean = {0.5f, -1.0f}, var = {2.0f, 0.25f}, weight = {1.5f, -0.5f}, bias = {0.1f, 2.0f};
+    const int64_t channels = 32, count = int64_t(16) * 182 * 182 * channels;  // 67.8 MB of float32
+    const std::vector<int64_t> shapes[2] = {{16, channels, 182, 182}, {16, 182, 182, channels}};
+    const Layout layouts[2] = {Layout::NCHW, Layout::NHWC};
+    const auto channel_of = [&](int call, int64_t i) {
+        return call == 0 ? (i / (182 * 182)) % channels : i % channels;
+    };
     std::vector<float> x(count);
     for (int64_t i = 0; i < count; i++) {
         x[i] = static_cast<float>(i % 251) * 0.01f - 1;
     }
+    // Per call: running_mean, running_var, weight, bias.
+    const float initial[2][4] = {{0.5f, 2.0f, 1.5f, 0.1f}, {-1.0f, 0.25f, -0.5f, 2.0f}};
+    std::vector<std::vector<float>> params(8);
+    for (int call = 0; call < 2; call++) {
+        for (int k = 0; k < 4; k++) {
+            params[call * 4 + k].assign(channels, initial[call][k]);
+        }
+    }
     std::vector<std::vector<float>> outputs(2, std::vector<float>(count));
-    std::vector<std::vector<float>> params(2 * 4);  // per call: mean, var, weight, bias
     std::vector<std::thread> calls;
     std::vector<std::string> errors(2);
     for (int call = 0; call < 2; call++) {
-        for (int k = 0; k < 4; k++) {
-            const std::vector<float> &source = k == 0 ? mean : k == 1 ? var : k == 2 ? weight : bias;
-            params[call * 4 + k].assign(channels, source[call]);
-        }
         calls.emplace_back([&, call] {
             try {
                 const auto channel = [&](int k) {
                     return hbn::Tensor{params[call * 4 + k].data(), DType::Float32, {channels}};
                 };
-                hbn::batch_norm({x.data(), DType::Float32, shape}, channel(0), channel(1), channel(2),
-                                channel(3), {outputs[call].data(), DType::Float32, shape});
+                hbn::BatchNormOptions options;
+                options.layout = layouts[call];
+                options.training = call == 1;
+                hbn::batch_norm({x.data(), DType::Float32, shapes[call]}, channel(0), channel(1), channel(2),
+                                channel(3), {outputs[call].data(), DType::Float32, shapes[call]}, options);
             } catch (const std::exception &e) {
                 errors[call] = e.what();
             }
@@ -96,16 +106,33 @@ TEST(Threading, ConcurrentStreamedOutputs) {
     for (auto &call : calls) {
         call.join();
     }
+    // The training call's batch statistics, two-pass in double.
+    std::vector<double> sum(channels), sum_sq(channels);
+    for (int64_t i = 0; i < count; i++) {
+        sum[channel_of(1, i)] += x[i];
+    }
+    const double m = double(count / channels);
+    for (int64_t i = 0; i < count; i++) {
+        const double d = x[i] - sum[channel_of(1, i)] / m;
+        sum_sq[channel_of(1, i)] += d * d;
+    }
     for (int call = 0; call < 2; call++) {
         ASSERT_EQ(errors[call], "") << "call " << call;
-        const double scale = weight[call] / std::sqrt(double(var[call]) + 1e-5);
         std::vector<double> sampled, expected;
         for (int64_t i = 0; i < count; i += 4099) {
+            const int64_t c = channel_of(call, i);
+            const double mean = call == 0 ? initial[0][0] : sum[c] / m;
+            const double var = call == 0 ? initial[0][1] : sum_sq[c] / m;
             sampled.push_back(outputs[call][i]);
-            expected.push_back((x[i] - double(mean[call])) * scale + bias[call]);
+            expected.push_back((x[i] - mean) * initial[call][2] / std::sqrt(var + 1e-5) + initial[call][3]);
         }
         expect_close(sampled, expected, output_tolerance(DType::Float32), "call " + std::to_string(call));
     }
+    std::vector<double> running_var(channels);
+    for (int64_t c = 0; c < channels; c++) {
+        running_var[c] = 0.9 * initial[1][1] + 0.1 * sum_sq[c] / (m - 1);
+    }
+    expect_close(std::vector<double>(params[5].begin(), params[5].end()), running_var, 2e-6, "running_var");
 }
 
 std::atomic<int> parallel_loops{0};
