@@ -1,5 +1,6 @@
 #include "validation.h"
 
+#include "buffers.h"      // halide_type_of
 #include "halide_call.h"  // fail
 
 #include <algorithm>
@@ -21,7 +22,7 @@ bool valid_dtype(DType dtype) {
 }
 
 int64_t element_bytes(DType dtype) {
-    return dtype == DType::Float16 ? 2 : 4;
+    return halide_type_of(dtype).bytes();
 }
 
 std::string shape_string(const std::vector<int64_t> &shape) {
