@@ -44,10 +44,10 @@ public:
         if (get_target().has_gpu_feature()) {
             // Inlined: recomputing the scale in every thread is cheaper than
             // a kernel launch for it.
-            schedule_normalize_gpu(output, v, layout, scale_in_double);
+            schedule_elementwise_gpu(output, v, layout, {scale_in_double});
         } else {
             scale.compute_root();
-            schedule_normalize_cpu(output, v, layout, parallel, get_target(), scale_in_double);
+            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), {scale_in_double});
         }
     }
 };

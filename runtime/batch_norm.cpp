@@ -22,19 +22,6 @@ namespace {
 
 using namespace internal;
 
-template<typename T>
-void store_channel(void *data, int64_t c, double value) {
-    static_cast<T *>(data)[c] = static_cast<T>(value);
-}
-
-void store_channel(const Tensor &t, int64_t c, double value) {
-    if (t.dtype == DType::Float32) {
-        store_channel<float>(t.data, c, value);
-    } else {
-        store_channel<float16>(t.data, c, value);
-    }
-}
-
 void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
          const Tensor &weight, const Tensor &bias, const Tensor &output,
          const Tensor *saved_mean, const Tensor *saved_inv_std,
@@ -55,12 +42,7 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
     // Whether some channel's weight / sqrt(var + eps) may leave float's
     // range, so that the kernels normalize in double (see
     // generators/batch_norm_common.h). NaN weights take the double path too.
-    float largest_weight = 0;
-    for (int64_t c = 0; c < channels; c++) {
-        largest_weight = std::max(largest_weight, std::abs(weight_f32[c]));
-    }
-    const bool scale_in_double =
-        !(largest_weight / std::sqrt(eps) <= std::numeric_limits<float>::max());
+    const bool scale_in_double = !fits_float(weight_f32.largest_magnitude() / std::sqrt(eps));
     const Kernels kernels = kernels_for(device, x.dtype, view);
 
     if (!training) {

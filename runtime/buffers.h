@@ -7,8 +7,11 @@
 #include "hbn/batch_norm.h"
 #include "validation.h"
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace hbn::internal {
@@ -45,9 +48,11 @@ struct HalideBuffer {
         }
     }
 
-    HalideBuffer(float *data, int64_t channels) {
+    // A per-channel vector of float32 or double.
+    template<typename T>
+    HalideBuffer(T *data, int64_t channels) {
         buffer.host = reinterpret_cast<uint8_t *>(data);
-        buffer.type = halide_type_of(DType::Float32);
+        buffer.type = ::halide_type_of<T>();
         dims[0] = {0, static_cast<int32_t>(channels), 1, 0};
         buffer.dimensions = 1;
     }
@@ -62,6 +67,20 @@ struct HalideBuffer {
     }
 };
 
+// The largest |value| of `values`, NaN if one is.
+template<typename T>
+double largest_magnitude(const T *values, int64_t count) {
+    double largest = 0;
+    for (int64_t i = 0; i < count; i++) {
+        const double magnitude = std::abs(static_cast<double>(values[i]));
+        if (std::isnan(magnitude)) {
+            return magnitude;
+        }
+        largest = std::max(largest, magnitude);
+    }
+    return largest;
+}
+
 // A per-channel parameter as float32: the caller's memory when it already is,
 // a converted copy when it is float16.
 class ChannelFloats {
@@ -75,14 +94,31 @@ public:
             data_ = copy_.data();
         }
         buffer_ = HalideBuffer(data_, channels);
+        channels_ = channels;
     }
     float operator[](int64_t c) const { return data_[c]; }
+    double largest_magnitude() const { return hbn::internal::largest_magnitude(data_, channels_); }
     halide_buffer_t *buffer() { return buffer_.get(); }
 
 private:
     std::vector<float> copy_;
     float *data_ = nullptr;
+    int64_t channels_ = 0;
     HalideBuffer buffer_;
 };
+
+// Whether a per-channel factor is finite in float32; NaN is not.
+inline bool fits_float(double value) {
+    return std::abs(value) <= std::numeric_limits<float>::max();
+}
+
+// Writes `value` into element c of a per-channel tensor, in its dtype.
+inline void store_channel(const Tensor &t, int64_t c, double value) {
+    if (t.dtype == DType::Float32) {
+        static_cast<float *>(t.data)[c] = static_cast<float>(value);
+    } else {
+        static_cast<float16 *>(t.data)[c] = static_cast<float16>(value);
+    }
+}
 
 }  // namespace hbn::internal

@@ -18,6 +18,8 @@ constexpr InferenceFn cpu_inference_fns[2][2][2] = {HBN_CPU_KERNELS(inference, f
                                                     HBN_CPU_KERNELS(inference, float32)};
 constexpr TrainingFn cpu_training_fns[2][2][2] = {HBN_CPU_KERNELS(training, float16),
                                                   HBN_CPU_KERNELS(training, float32)};
+constexpr BackwardFn cpu_backward_fns[2][2][2] = {HBN_CPU_KERNELS(backward, float16),
+                                                  HBN_CPU_KERNELS(backward, float32)};
 #undef HBN_CPU_KERNELS
 
 // GPU kernels of a backend, indexed by [dtype][nchw].
@@ -31,10 +33,12 @@ constexpr TrainingFn cpu_training_fns[2][2][2] = {HBN_CPU_KERNELS(training, floa
 #ifdef HBN_BACKEND_OPENCL
 constexpr InferenceFn opencl_inference_fns[2][2] = HBN_GPU_KERNELS(inference, opencl);
 constexpr TrainingFn opencl_training_fns[2][2] = HBN_GPU_KERNELS(training, opencl);
+constexpr BackwardFn opencl_backward_fns[2][2] = HBN_GPU_KERNELS(backward, opencl);
 #endif
 #ifdef HBN_BACKEND_CUDA
 constexpr InferenceFn cuda_inference_fns[2][2] = HBN_GPU_KERNELS(inference, cuda);
 constexpr TrainingFn cuda_training_fns[2][2] = HBN_GPU_KERNELS(training, cuda);
+constexpr BackwardFn cuda_backward_fns[2][2] = HBN_GPU_KERNELS(backward, cuda);
 #endif
 #undef HBN_GPU_KERNELS
 
@@ -49,16 +53,17 @@ Kernels kernels_for(Device device, DType dtype, const DataView &view) {
     const bool nchw = view.nchw;
 #ifdef HBN_BACKEND_OPENCL
     if (device == Device::OpenCL) {
-        return {opencl_inference_fns[type][nchw], opencl_training_fns[type][nchw]};
+        return {opencl_inference_fns[type][nchw], opencl_training_fns[type][nchw], opencl_backward_fns[type][nchw]};
     }
 #endif
 #ifdef HBN_BACKEND_CUDA
     if (device == Device::CUDA) {
-        return {cuda_inference_fns[type][nchw], cuda_training_fns[type][nchw]};
+        return {cuda_inference_fns[type][nchw], cuda_training_fns[type][nchw], cuda_backward_fns[type][nchw]};
     }
 #endif
     const bool parallel = view.values_per_channel() * view.channels >= serial_threshold;
-    Kernels kernels{cpu_inference_fns[type][nchw][parallel], cpu_training_fns[type][nchw][parallel]};
+    Kernels kernels{cpu_inference_fns[type][nchw][parallel], cpu_training_fns[type][nchw][parallel],
+                    cpu_backward_fns[type][nchw][parallel]};
     if (streams_output(dtype, view)) {
         kernels.streamed_chunk = cpu_inference_fns[type][nchw][false];
     }

@@ -13,9 +13,16 @@ using TrainingFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, h
                            double, bool, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
                            halide_buffer_t *);
 
+// (x, grad_output, mean, inv_std, weight, training, in_double, grad_input,
+// grad_weight, grad_bias)
+using BackwardFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                           halide_buffer_t *, halide_buffer_t *, bool, bool, halide_buffer_t *,
+                           halide_buffer_t *, halide_buffer_t *);
+
 struct Kernels {
     InferenceFn inference = nullptr;
     TrainingFn training = nullptr;
+    BackwardFn backward = nullptr;
     // Set when the output is streamed: the serial inference kernel that
     // writes each chunk.
     InferenceFn streamed_chunk = nullptr;

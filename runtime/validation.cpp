@@ -187,36 +187,28 @@ struct Role {
     }
 };
 
-void check_aliasing(const ForwardArguments &args, bool training, int64_t data_count, int64_t channels) {
-    std::array<Role, 8> roles = {Role(args.input_x, data_count, "input_x", false),
-                                 Role(args.output, data_count, "output", true),
-                                 Role(args.running_mean, channels, "running_mean", training),
-                                 Role(args.running_var, channels, "running_var", training),
-                                 Role(args.weight, channels, "weight", false),
-                                 Role(args.bias, channels, "bias", false)};
-    size_t count = 6;
-    if (args.saved_mean != nullptr) {
-        roles[count++] = Role(*args.saved_mean, channels, "saved_mean", true);
-        roles[count++] = Role(*args.saved_inv_std, channels, "saved_inv_std", true);
-    }
-    for (size_t i = 0; i < count; i++) {
-        for (size_t j = i + 1; j < count; j++) {
+// Fails if a tensor hbn writes overlaps another argument among `roles`,
+// unless the two are the call's in-place pair, `source` (read) and `target`
+// (written), with the same data.
+void check_aliasing(const std::vector<Role> &roles, const Tensor &source, const Tensor &target,
+                    const char *in_place_rule) {
+    for (size_t i = 0; i < roles.size(); i++) {
+        for (size_t j = i + 1; j < roles.size(); j++) {
             const Role &a = roles[i], &b = roles[j];
-            const bool in_place = a.tensor == &args.input_x && b.tensor == &args.output && a.begin == b.begin;
+            const bool in_place = ((a.tensor == &source && b.tensor == &target) ||
+                                   (a.tensor == &target && b.tensor == &source)) &&
+                                  a.begin == b.begin;
             if ((a.written || b.written) && !in_place && a.overlaps(b)) {
                 const Role &written = a.written ? a : b;
-                fail(ErrorKind::ValueError,
-                     std::string(a.name) + " and " + b.name + " overlap in memory, but hbn writes " +
-                         written.name + " (only output may be input_x itself, for in place)");
+                fail(ErrorKind::ValueError, std::string(a.name) + " and " + b.name +
+                                                " overlap in memory, but hbn writes " + written.name + " (" +
+                                                in_place_rule + ")");
             }
         }
     }
 }
 
-}  // namespace
-
-DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &options, bool training) {
-    const Tensor &x = args.input_x, &output = args.output;
+void check_options(const BatchNormOptions &options) {
     // NaN fails both comparisons, as it must.
     if (!(options.eps > 0 && options.eps <= 1)) {
         fail(ErrorKind::ValueError, "options.eps must be in (0, 1], got " + std::to_string(options.eps));
@@ -232,17 +224,72 @@ DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &
         options.device != Device::OpenCL && options.device != Device::CUDA) {
         fail(ErrorKind::ValueError, "options.device is not a known Device");
     }
+}
 
-    if (!valid_dtype(x.dtype)) {
-        fail(ErrorKind::TypeError, "input_x dtype must be Float16 or Float32");
+void check_dtype(const Tensor &t, const char *name) {
+    if (!valid_dtype(t.dtype)) {
+        fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float16 or Float32");
     }
-    if (!valid_dtype(output.dtype)) {
-        fail(ErrorKind::TypeError, "output dtype must be Float16 or Float32");
+}
+
+// A tensor whose dtype must be `reference`'s.
+void check_same_dtype(const Tensor &t, const char *name, const Tensor &reference, const char *reference_name) {
+    check_dtype(t, name);
+    if (t.dtype != reference.dtype) {
+        fail(ErrorKind::TypeError, std::string(name) + " dtype " + dtype_name(t.dtype) + " differs from " +
+                                       reference_name + " dtype " + dtype_name(reference.dtype));
     }
-    if (output.dtype != x.dtype) {
-        fail(ErrorKind::TypeError, std::string("output dtype ") + dtype_name(output.dtype) +
-                                       " differs from input_x dtype " + dtype_name(x.dtype));
+}
+
+// The data tensor that the others are checked against.
+void check_data(const Tensor &t, const char *name) {
+    check_dtype(t, name);
+    if (t.shape.size() < 2) {
+        fail(ErrorKind::ValueError, std::string(name) + " must have rank >= 2, got shape " + shape_string(t.shape));
     }
+    check_memory(t, name, true);
+    check_dims_and_data(t, name);
+}
+
+// A data tensor of `reference`'s dtype and shape, in the same place.
+void check_data_like(const Tensor &t, const char *name, const Tensor &reference, const char *reference_name) {
+    check_same_dtype(t, name, reference, reference_name);
+    check_memory(t, name, true);
+    if (t.shape != reference.shape) {
+        fail(ErrorKind::ValueError, std::string(name) + " shape " + shape_string(t.shape) + " differs from " +
+                                        reference_name + " shape " + shape_string(reference.shape));
+    }
+    check_dims_and_data(t, name);
+    if (t.memory != reference.memory) {
+        fail(ErrorKind::ValueError, std::string(name) + " is " + memory_name(t.memory) + " memory but " +
+                                        reference_name + " is " + memory_name(reference.memory) +
+                                        " memory; they must live in the same place");
+    }
+}
+
+void check_values_per_channel(const Tensor &x, const DataView &view) {
+    if (view.values_per_channel() < 2) {
+        fail(ErrorKind::ValueError,
+             "training needs more than one value per channel to form a variance, but input_x shape " +
+                 shape_string(x.shape) + " has " + std::to_string(view.values_per_channel()));
+    }
+}
+
+// A statistic the mode needs, which a default Tensor{} would leave out.
+void check_present(const Tensor &t, const char *name, bool training) {
+    if (!given(t)) {
+        fail(ErrorKind::ValueError, std::string("the backward in ") + (training ? "training" : "inference") +
+                                        " mode needs " + name + ", but it is a default Tensor{} (rank 0)");
+    }
+}
+
+}  // namespace
+
+DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &options, bool training) {
+    const Tensor &x = args.input_x;
+    check_options(options);
+    check_data(x, "input_x");
+    check_data_like(args.output, "output", x, "input_x");
     const std::array<std::pair<const Tensor *, const char *>, 4> params = {{
         {&args.running_mean, "running_mean"},
         {&args.running_var, "running_var"},
@@ -250,31 +297,7 @@ DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &
         {&args.bias, "bias"},
     }};
     for (const auto &[param, name] : params) {
-        if (!valid_dtype(param->dtype)) {
-            fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float16 or Float32");
-        }
-        if (param->dtype != args.running_mean.dtype) {
-            fail(ErrorKind::TypeError, std::string(name) + " dtype " + dtype_name(param->dtype) +
-                                           " differs from running_mean dtype " +
-                                           dtype_name(args.running_mean.dtype));
-        }
-    }
-
-    if (x.shape.size() < 2) {
-        fail(ErrorKind::ValueError, "input_x must have rank >= 2, got shape " + shape_string(x.shape));
-    }
-    check_memory(x, "input_x", true);
-    check_memory(output, "output", true);
-    check_dims_and_data(x, "input_x");
-    if (output.shape != x.shape) {
-        fail(ErrorKind::ValueError, "output shape " + shape_string(output.shape) +
-                                        " differs from input_x shape " + shape_string(x.shape));
-    }
-    check_dims_and_data(output, "output");
-    if (output.memory != x.memory) {
-        fail(ErrorKind::ValueError, std::string("output is ") + memory_name(output.memory) +
-                                        " memory but input_x is " + memory_name(x.memory) +
-                                        " memory; they must live in the same place");
+        check_same_dtype(*param, name, args.running_mean, "running_mean");
     }
     const DataView view = view_of(x, options.layout);
     for (const auto &[param, name] : params) {
@@ -284,12 +307,75 @@ DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &
         check_saved_statistic(*args.saved_mean, "saved_mean", view.channels);
         check_saved_statistic(*args.saved_inv_std, "saved_inv_std", view.channels);
     }
-    if (training && view.values_per_channel() < 2) {
-        fail(ErrorKind::ValueError,
-             "training needs more than one value per channel to form a variance, but input_x shape " +
-                 shape_string(x.shape) + " has " + std::to_string(view.values_per_channel()));
+    if (training) {
+        check_values_per_channel(x, view);
     }
-    check_aliasing(args, training, element_count(x), view.channels);
+
+    const int64_t data_count = element_count(x), channels = view.channels;
+    std::vector<Role> roles = {Role(x, data_count, "input_x", false),
+                               Role(args.output, data_count, "output", true),
+                               Role(args.running_mean, channels, "running_mean", training),
+                               Role(args.running_var, channels, "running_var", training),
+                               Role(args.weight, channels, "weight", false),
+                               Role(args.bias, channels, "bias", false)};
+    if (args.saved_mean != nullptr) {
+        roles.emplace_back(*args.saved_mean, channels, "saved_mean", true);
+        roles.emplace_back(*args.saved_inv_std, channels, "saved_inv_std", true);
+    }
+    check_aliasing(roles, x, args.output, "only output may be input_x itself, for in place");
+    return view;
+}
+
+DataView validate_backward(const BackwardArguments &args, const BatchNormOptions &options) {
+    const Tensor &dy = args.grad_output, &x = args.input_x;
+    const bool training = options.training;
+    check_options(options);
+    check_data(dy, "grad_output");
+    check_data_like(x, "input_x", dy, "grad_output");
+    if (given(args.grad_input)) {
+        check_data_like(args.grad_input, "grad_input", x, "input_x");
+    }
+    check_dtype(args.weight, "weight");
+    const Tensor &mean = training ? args.saved_mean : args.running_mean;
+    const Tensor &spread = training ? args.saved_inv_std : args.running_var;
+    const char *mean_name = training ? "saved_mean" : "running_mean";
+    const char *spread_name = training ? "saved_inv_std" : "running_var";
+    check_present(mean, mean_name, training);
+    check_present(spread, spread_name, training);
+    if (!training) {
+        check_same_dtype(mean, mean_name, args.weight, "weight");
+        check_same_dtype(spread, spread_name, args.weight, "weight");
+    }
+    for (const auto &[gradient, name] : {std::pair{&args.grad_weight, "grad_weight"}, {&args.grad_bias, "grad_bias"}}) {
+        if (given(*gradient)) {
+            check_same_dtype(*gradient, name, args.weight, "weight");
+        }
+    }
+
+    const DataView view = view_of(x, options.layout);
+    const int64_t data_count = element_count(x), channels = view.channels;
+    check_channel_vector(args.weight, "weight", channels);
+    if (training) {
+        check_saved_statistic(mean, mean_name, channels);
+        check_saved_statistic(spread, spread_name, channels);
+        check_values_per_channel(x, view);
+    } else {
+        check_channel_vector(mean, mean_name, channels);
+        check_channel_vector(spread, spread_name, channels);
+    }
+    std::vector<Role> roles = {Role(dy, data_count, "grad_output", false), Role(x, data_count, "input_x", false),
+                               Role(args.weight, channels, "weight", false),
+                               Role(mean, channels, mean_name, false), Role(spread, channels, spread_name, false)};
+    if (given(args.grad_input)) {
+        roles.emplace_back(args.grad_input, data_count, "grad_input", true);
+    }
+    for (const auto &[gradient, name] : {std::pair{&args.grad_weight, "grad_weight"}, {&args.grad_bias, "grad_bias"}}) {
+        if (given(*gradient)) {
+            check_channel_vector(*gradient, name, channels);
+            roles.emplace_back(*gradient, channels, name, true);
+        }
+    }
+    check_aliasing(roles, dy, args.grad_input, "only grad_input may be grad_output itself, for in place");
     return view;
 }
 

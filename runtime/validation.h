@@ -22,8 +22,21 @@ struct ForwardArguments {
     const Tensor *saved_mean = nullptr, *saved_inv_std = nullptr;
 };
 
+// The tensors of a backward call.
+struct BackwardArguments {
+    const Tensor &grad_output, &input_x, &weight, &running_mean, &running_var, &saved_mean, &saved_inv_std,
+        &grad_input, &grad_weight, &grad_bias;
+};
+
+// Whether an optional tensor was given: a default Tensor{} (rank 0) was not.
+inline bool given(const Tensor &t) {
+    return !t.shape.empty();
+}
+
 // Checks a forward call (types, values, shapes, memory, alignment and
 // aliasing) and returns input_x's view. Throws hbn::Error naming the argument.
 DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &options, bool training);
+// The same for a backward call, in options.training's mode.
+DataView validate_backward(const BackwardArguments &args, const BatchNormOptions &options);
 
 }  // namespace hbn::internal

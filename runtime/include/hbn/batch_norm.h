@@ -34,9 +34,10 @@ enum class Memory { Host, OpenCL, CUDA };
 // its element size (4 bytes for Float32, 2 for Float16).
 //
 // Aliasing: a tensor that a call writes (output; running_mean and
-// running_var in training; saved_mean and saved_inv_std) may share no byte
-// with another argument, except that output may be input_x itself (the same
-// data pointer: the call normalizes in place). Tensors that a call only reads
+// running_var in training; saved_mean and saved_inv_std; the backward's
+// gradients) may share no byte with another argument, except that output may
+// be input_x itself, and grad_input grad_output itself (the same data
+// pointer: the call works in place). Tensors that a call only reads
 // may share memory (weight == bias; running_mean == running_var in
 // inference). A violation is a ValueError naming both tensors. Device
 // tensors are compared by handle only.
@@ -94,6 +95,31 @@ void batch_norm_training(const Tensor &input_x, const Tensor &running_mean,
                          const Tensor &running_var, const Tensor &weight, const Tensor &bias,
                          const Tensor &output, const Tensor &saved_mean,
                          const Tensor &saved_inv_std, const BatchNormOptions &options = {});
+
+// Gradients of batch_norm, as PyTorch's native_batch_norm_backward computes
+// them, per channel over its M values, with xhat = (x - mean) * inv_std:
+//   training (options.training): mean and inv_std are the forward's saved_mean
+//     and saved_inv_std (from batch_norm_training, Float32, shape {C});
+//       grad_bias   = sum(dy)
+//       grad_weight = sum(dy * xhat)
+//       grad_input  = weight * inv_std * (dy - grad_bias / M - xhat * grad_weight / M)
+//   inference: mean = running_mean, inv_std = 1 / sqrt(running_var + eps);
+//       grad_bias = sum(dy), grad_weight = sum(dy * xhat), grad_input = weight * inv_std * dy
+// The pair of statistics that the mode does not use may be a default Tensor{}
+// (it is not read). grad_output and input_x: Float16 or Float32, one dtype and
+// shape, as in the forward. weight (and, in inference, running_mean and
+// running_var): shape {C}, one dtype. Written: grad_input (input_x's dtype
+// and shape; it may be grad_output itself, for in place), grad_weight and
+// grad_bias (shape {C}, weight's dtype); a default Tensor{} (rank 0) skips
+// that gradient. options.momentum is not used (but is checked, as in the
+// forward). Sums are accumulated in double. An empty input_x gives zero
+// grad_weight and grad_bias. Training mode needs M >= 2, as the forward does.
+// On any error nothing is written.
+void batch_norm_backward(const Tensor &grad_output, const Tensor &input_x, const Tensor &weight,
+                         const Tensor &running_mean, const Tensor &running_var,
+                         const Tensor &saved_mean, const Tensor &saved_inv_std,
+                         const Tensor &grad_input, const Tensor &grad_weight, const Tensor &grad_bias,
+                         const BatchNormOptions &options = {});
 
 // Backends ------------------------------------------------------------------
 

@@ -1,0 +1,120 @@
+// Backward: the gradients of batch norm, as PyTorch's
+// native_batch_norm_backward computes them. Per channel, over its M values,
+// with xhat = (x - mean) * inv_std:
+//   grad_bias   = sum(dy)
+//   grad_weight = sum(dy * xhat)
+//   grad_input  = weight * inv_std * (dy - grad_bias / M - xhat * grad_weight / M)   (training)
+//   grad_input  = weight * inv_std * dy                                              (inference)
+// `mean` and `inv_std` are the forward's saved statistics in training, and
+// running_mean and 1 / sqrt(running_var + eps) in inference: the runtime
+// passes whichever the mode uses. The two sums are the only reductions, and
+// both modes need them (for grad_weight and grad_bias); the elementwise pass
+// follows them, as in the training forward.
+#include "batch_norm_common.h"
+
+namespace {
+
+using namespace Halide;
+using namespace hbn_generators;
+
+class BatchNormBackward : public BatchNormGenerator<BatchNormBackward> {
+public:
+    // `input` is x, and `output` grad_input.
+    Input<Buffer<>> grad_output{"grad_output"};
+    Input<Buffer<float, 1>> mean{"mean"};
+    Input<Buffer<double, 1>> inv_std{"inv_std"};
+    Input<Buffer<float, 1>> weight{"weight"};
+    Input<bool> training{"training"};
+    // grad_input in double, rounded once at the end: set by the runtime when
+    // weight * inv_std may leave float's range (see normalized() in
+    // batch_norm_common.h).
+    Input<bool> in_double{"in_double"};
+    Output<Buffer<float, 1>> grad_weight{"grad_weight"};
+    Output<Buffer<float, 1>> grad_bias{"grad_bias"};
+
+    void configure() {
+        BatchNormGenerator::configure();
+        grad_output.set_type(storage_type());
+        grad_output.set_dimensions(data_dimensions(layout));
+    }
+
+    void generate() {
+        const DataVars v(layout);
+        const Var c = v.c;
+
+        // Algorithm
+        // sum(dy) and sum(dy * (x - mean)), accumulated in double: they stay
+        // exact to ~1e-9 for more than 2^24 values, a mean/std ratio of 1e4
+        // in x, or a large common offset in dy, where float32 sums are not.
+        const ChannelValues values(input, layout);
+        const Expr channel_dy = cast<double>(load_float(grad_output(values.of(c))));
+        const Expr channel_centered = cast<double>(load_float(input(values.of(c)))) - mean(c);
+        Func sums{"sums"};
+        sums(c) = Tuple(cast<double>(0), cast<double>(0));
+        sums(c) = Tuple(sums(c)[0] + channel_dy, sums(c)[1] + channel_dy * channel_centered);
+        grad_bias(c) = cast<float>(sums(c)[0]);
+        grad_weight(c) = cast<float>(sums(c)[1] * inv_std(c));
+
+        // grad_input = scale * ((dy - mean_dy) - (x - mean) * inv_std * slope)
+        // per channel, with scale = weight * inv_std and slope = grad_weight / M,
+        // each in double and as float32. mean_dy is split into a float32 sum
+        // hi + lo: with a large common offset in dy, dy - hi is exact, where
+        // dy - mean_dy in float32 would lose the offset's last bits.
+        const Expr count = cast<double>(values_per_channel(input, layout));
+        const Expr scale = cast<double>(weight(c)) * inv_std(c);
+        const Expr mean_dy = sums(c)[0] / count;
+        const Expr slope = sums(c)[1] * inv_std(c) / count;
+        const Expr mean_dy_hi = cast<float>(mean_dy);
+        Func terms{"terms"};
+        terms(c) = Tuple(scale, mean_dy, slope, cast<float>(scale), mean_dy_hi,
+                         cast<float>(mean_dy - mean_dy_hi), cast<float>(slope), cast<float>(inv_std(c)));
+        const Expr dy = load_float(grad_output(v.args)), x = load_float(input(v.args));
+        const Expr dx_f64 = select(training,
+                                   terms(c)[0] * ((cast<double>(dy) - terms(c)[1]) -
+                                                  (cast<double>(x) - mean(c)) * inv_std(c) * terms(c)[2]),
+                                   terms(c)[0] * dy);
+        const Expr dx_f32 = select(training,
+                                   terms(c)[3] * (((dy - terms(c)[4]) - terms(c)[5]) -
+                                                  (x - mean(c)) * terms(c)[7] * terms(c)[6]),
+                                   terms(c)[3] * dy);
+        output(v.args) = to_storage(select(in_double, cast<float>(dx_f64), dx_f32));
+
+        // Estimates
+        set_data_estimates();
+        grad_output.set_estimates(data_estimates());
+        mean.set_estimates({{0, estimated_channels}});
+        inv_std.set_estimates({{0, estimated_channels}});
+        weight.set_estimates({{0, estimated_channels}});
+        grad_weight.set_estimates({{0, estimated_channels}});
+        grad_bias.set_estimates({{0, estimated_channels}});
+        training.set_estimate(true);
+        in_double.set_estimate(false);
+
+        // Schedule
+        if (auto_schedule ||
+            hbn_schedules::apply_checked_in(get_pipeline(), get_target(), schedule)) {
+            return;
+        }
+        const int vector_size = get_target().natural_vector_size<float>();
+        const std::vector<Func> channel_outputs = {grad_weight, grad_bias};
+        const std::vector<Expr> flags = {training, in_double};
+        if (get_target().has_gpu_feature()) {
+            schedule_sums_gpu(sums, values.r, c, layout);
+            schedule_per_channel_gpu({terms}, c);
+            schedule_per_channel_gpu(channel_outputs, c);
+            schedule_elementwise_gpu(output, v, layout, flags);
+        } else if (layout == Layout::NCHW) {
+            schedule_sums_nchw_cpu(sums, values.r, c, vector_size);
+            schedule_slab_by_slab_cpu(output, channel_outputs, {sums, terms}, v, parallel, vector_size, flags);
+        } else {
+            // Both sums first, then the elementwise pass.
+            schedule_sums_nhwc_cpu(sums, values.r, c, vector_size, parallel);
+            terms.compute_root();
+            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), flags);
+        }
+    }
+};
+
+}  // namespace
+
+HALIDE_REGISTER_GENERATOR(BatchNormBackward, batch_norm_backward)
