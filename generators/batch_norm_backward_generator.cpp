@@ -65,18 +65,24 @@ public:
         const Expr mean_dy = sums(c)[0] / count;
         const Expr slope = sums(c)[1] * inv_std(c) / count;
         const Expr mean_dy_hi = cast<float>(mean_dy);
+        // inv_std reaches the elementwise pass through `terms` too, not from
+        // its input: Halide 14's Mullapudi2016 fails an internal assertion
+        // on the latter.
         Func terms{"terms"};
-        terms(c) = Tuple(scale, mean_dy, slope, cast<float>(scale), mean_dy_hi,
+        terms(c) = Tuple(scale, mean_dy, slope, inv_std(c), cast<float>(scale), mean_dy_hi,
                          cast<float>(mean_dy - mean_dy_hi), cast<float>(slope), cast<float>(inv_std(c)));
+        const ChannelTerm scale_term{terms(c)[4], terms(c)[0]}, slope_term{terms(c)[7], terms(c)[2]},
+            inv_std_term{terms(c)[8], terms(c)[3]};
         const Expr dy = load_float(grad_output(v.args)), x = load_float(input(v.args));
-        const Expr dx_f64 = select(training,
-                                   terms(c)[0] * ((cast<double>(dy) - terms(c)[1]) -
-                                                  (cast<double>(x) - mean(c)) * inv_std(c) * terms(c)[2]),
-                                   terms(c)[0] * dy);
+        const Expr dx_f64 =
+            select(training,
+                   scale_term.f64 * ((cast<double>(dy) - terms(c)[1]) -
+                                     (cast<double>(x) - mean(c)) * inv_std_term.f64 * slope_term.f64),
+                   scale_term.f64 * dy);
         const Expr dx_f32 = select(training,
-                                   terms(c)[3] * (((dy - terms(c)[4]) - terms(c)[5]) -
-                                                  (x - mean(c)) * terms(c)[7] * terms(c)[6]),
-                                   terms(c)[3] * dy);
+                                   scale_term.f32 * (((dy - terms(c)[5]) - terms(c)[6]) -
+                                                     (x - mean(c)) * inv_std_term.f32 * slope_term.f32),
+                                   scale_term.f32 * dy);
         output(v.args) = to_storage(select(in_double, cast<float>(dx_f64), dx_f32));
 
         // Estimates

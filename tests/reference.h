@@ -1,6 +1,6 @@
 // An independent double-precision batch norm, written from the definition in
-// shared/semantics.md (two-pass statistics over the original shape), used as
-// the oracle for every test.
+// shared/semantics.md (two-pass statistics over the original shape), and its
+// backward, written from PyTorch's formulas: the oracles for every test.
 #pragma once
 
 #include <hbn/batch_norm.h>
@@ -82,6 +82,61 @@ inline ReferenceResult reference_batch_norm(const std::vector<double> &x, const 
         for (int64_t k = 0; k < g.values_per_channel; k++) {
             const int64_t o = g.offset(c, k);
             r.output[o] = (x[o] - mean) * scale + bias[c];
+        }
+    }
+    return r;
+}
+
+struct ReferenceBackward {
+    std::vector<double> grad_input, grad_weight, grad_bias;
+    // For error bounds, the magnitudes the results are formed from: per
+    // element, |weight * inv_std| times the sum of |each term| in grad_input's
+    // bracket (it is a difference, which may cancel); per channel, the sums of
+    // |dy * xhat| and |dy|.
+    std::vector<double> grad_input_terms, grad_weight_terms, grad_bias_terms;
+};
+
+// PyTorch's native_batch_norm_backward, from its formulas, with
+// xhat = (x - mean) * inv_std per channel: mean and inv_std are the forward's
+// saved statistics in training, running_mean and 1 / sqrt(running_var + eps)
+// in inference. Two passes: the per-channel sums, then grad_input.
+inline ReferenceBackward reference_batch_norm_backward(const std::vector<double> &dy, const std::vector<double> &x,
+                                                       const std::vector<int64_t> &shape, hbn::Layout layout,
+                                                       const std::vector<double> &weight,
+                                                       const std::vector<double> &mean,
+                                                       const std::vector<double> &inv_std, bool training) {
+    const Geometry g(shape, layout);
+    ReferenceBackward r;
+    r.grad_input.resize(x.size());
+    r.grad_input_terms.resize(x.size());
+    const auto m = static_cast<double>(g.values_per_channel);
+    for (int64_t c = 0; c < g.channels; c++) {
+        double sum_dy = 0, sum_dy_xhat = 0, abs_dy = 0, abs_dy_xhat = 0;
+        for (int64_t k = 0; k < g.values_per_channel; k++) {
+            const int64_t o = g.offset(c, k);
+            const double dy_xhat = dy[o] * (x[o] - mean[c]) * inv_std[c];
+            sum_dy += dy[o];
+            sum_dy_xhat += dy_xhat;
+            abs_dy += std::abs(dy[o]);
+            abs_dy_xhat += std::abs(dy_xhat);
+        }
+        r.grad_bias.push_back(sum_dy);
+        r.grad_weight.push_back(sum_dy_xhat);
+        r.grad_bias_terms.push_back(abs_dy);
+        r.grad_weight_terms.push_back(abs_dy_xhat);
+        const double scale = weight[c] * inv_std[c];
+        for (int64_t k = 0; k < g.values_per_channel; k++) {
+            const int64_t o = g.offset(c, k);
+            if (training) {
+                const double xhat = (x[o] - mean[c]) * inv_std[c];
+                const double mean_dy = sum_dy / m, slope = sum_dy_xhat / m;
+                r.grad_input[o] = scale * (dy[o] - mean_dy - xhat * slope);
+                r.grad_input_terms[o] =
+                    std::abs(scale) * (std::abs(dy[o]) + std::abs(mean_dy) + std::abs(xhat * slope));
+            } else {
+                r.grad_input[o] = scale * dy[o];
+                r.grad_input_terms[o] = std::abs(scale * dy[o]);
+            }
         }
     }
     return r;

@@ -143,6 +143,78 @@ struct BatchNormCase {
     }
 };
 
+// A backward case: the forward case it differentiates (in training, its
+// batch_norm_training supplies saved_mean and saved_inv_std), random dy of
+// input_x's dtype, and the three gradients filled with a sentinel.
+struct BackwardCase {
+    static constexpr double sentinel = 10000;  // exact in float16 too
+
+    BatchNormCase forward;
+    HostTensor dy, grad_input, grad_weight, grad_bias;
+    BatchNormCase::SavedStatistics saved;
+
+    BackwardCase(std::vector<int64_t> shape, hbn::Layout layout, hbn::DType x_dtype, hbn::DType param_dtype,
+                 bool training, uint32_t seed = 1, double x_mean = 0.5, double x_spread = 2.0)
+        : forward(std::move(shape), layout, x_dtype, param_dtype, training, seed, x_mean, x_spread) {
+        const Geometry g(forward.shape, layout);
+        const size_t total = static_cast<size_t>(g.channels * g.values_per_channel);
+        const auto channels = static_cast<size_t>(g.channels);
+        dy = HostTensor(x_dtype, forward.shape, random_values(total, 0, 1, seed + 5));
+        grad_input = HostTensor(x_dtype, forward.shape, std::vector<double>(total, sentinel));
+        grad_weight = HostTensor(param_dtype, {g.channels}, std::vector<double>(channels, sentinel));
+        grad_bias = HostTensor(param_dtype, {g.channels}, std::vector<double>(channels, sentinel));
+        if (training && g.values_per_channel >= 2) {
+            saved = forward.run_training();
+        } else {  // placeholders: inference does not read them, and training rejects M < 2
+            saved = {HostTensor(hbn::DType::Float32, {g.channels}, std::vector<double>(channels, 0.0)),
+                     HostTensor(hbn::DType::Float32, {g.channels}, std::vector<double>(channels, 1.0))};
+        }
+    }
+
+    bool training() const { return forward.options.training; }
+
+    // The statistics the mode uses, as hbn reads them.
+    std::vector<double> mean() const { return training() ? saved.mean.values() : forward.running_mean.values(); }
+    std::vector<double> inv_std() const {
+        if (training()) {
+            return saved.inv_std.values();
+        }
+        std::vector<double> v = forward.running_var.values();
+        for (double &s : v) {
+            s = 1 / std::sqrt(s + forward.options.eps);
+        }
+        return v;
+    }
+
+    // The reference on the inputs as they are now (call before run()).
+    ReferenceBackward reference() const {
+        return reference_batch_norm_backward(dy.values(), forward.x.values(), forward.shape, forward.layout,
+                                             forward.weight.values(), mean(), inv_std(), training());
+    }
+
+    struct Views {
+        hbn::Tensor grad_output, input_x, weight, running_mean, running_var, saved_mean, saved_inv_std, grad_input,
+            grad_weight, grad_bias;
+    };
+    Views views() {
+        return {dy.view(),
+                forward.x.view(),
+                forward.weight.view(),
+                forward.running_mean.view(),
+                forward.running_var.view(),
+                saved.mean.view(),
+                saved.inv_std.view(),
+                grad_input.view(),
+                grad_weight.view(),
+                grad_bias.view()};
+    }
+    void call(const Views &v) const {
+        hbn::batch_norm_backward(v.grad_output, v.input_x, v.weight, v.running_mean, v.running_var, v.saved_mean,
+                                 v.saved_inv_std, v.grad_input, v.grad_weight, v.grad_bias, forward.options);
+    }
+    void run() { call(views()); }
+};
+
 // Reference values as a tensor of `dtype` stores them (an overflow becomes
 // inf, as it must in hbn's output).
 inline std::vector<double> rounded(hbn::DType dtype, const std::vector<double> &values) {
@@ -176,6 +248,29 @@ inline void expect_close(const std::vector<double> &actual, const std::vector<do
             if (reported++ < 5) {
                 ADD_FAILURE() << what << "[" << i << "] = " << actual[i] << ", expected " << expected[i]
                               << " (tolerance " << tolerance << ")";
+            }
+        }
+    }
+    EXPECT_EQ(mismatches, 0u) << what << ": " << mismatches << " of " << actual.size() << " differ";
+}
+
+// |actual - expected| <= bounds[i] (per element), or equal (so equal
+// infinities pass), NaN only where expected.
+inline void expect_within(const std::vector<double> &actual, const std::vector<double> &expected,
+                          const std::vector<double> &bounds, const std::string &what) {
+    ASSERT_EQ(actual.size(), expected.size()) << what;
+    ASSERT_EQ(bounds.size(), expected.size()) << what;
+    int reported = 0;
+    size_t mismatches = 0;
+    for (size_t i = 0; i < actual.size(); i++) {
+        const bool ok = std::isnan(expected[i]) ? std::isnan(actual[i])
+                                                : actual[i] == expected[i] ||
+                                                      std::abs(actual[i] - expected[i]) <= bounds[i];
+        if (!ok) {
+            mismatches++;
+            if (reported++ < 5) {
+                ADD_FAILURE() << what << "[" << i << "] = " << actual[i] << ", expected " << expected[i]
+                              << " (bound " << bounds[i] << ")";
             }
         }
     }
