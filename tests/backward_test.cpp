@@ -5,6 +5,8 @@
 // inputs, and its validation.
 #include "test_util.h"
 
+#include "HalideRuntime.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <functional>
@@ -591,6 +593,35 @@ INSTANTIATE_TEST_SUITE_P(
         BadBackward{"grad_bias_is_weight", ErrorKind::ValueError, {"weight", "grad_bias"}, false, [](auto &) {},
                     [](auto &, auto &v) { v.grad_bias = v.weight; }}),
     [](const auto &info) { return std::string(info.param.name); });
+
+// A Halide runtime failure inside the backward (here, its NHWC block sums
+// cannot be allocated) is a RuntimeError, not an abort, and grad_weight and
+// grad_bias, written only after the pipeline succeeded, keep their bytes.
+void *failing_malloc(void *, size_t) {
+    return nullptr;
+}
+
+TEST(BackwardErrors, PipelineFailureBecomesRuntimeError) {
+    HBN_SKIP_UNLESS_ON_CPU("GPU pipelines allocate device memory, not through halide_malloc");
+    BackwardCase t({16, 32, 32, 40}, Layout::NHWC, DType::Float32, DType::Float32, true);
+    const auto weight_before = t.grad_weight.bytes(), bias_before = t.grad_bias.bytes();
+    const halide_malloc_t previous = halide_set_custom_malloc(failing_malloc);
+    std::string message;
+    try {
+        t.run();
+    } catch (const hbn::Error &e) {
+        EXPECT_EQ(static_cast<int>(e.kind()), static_cast<int>(ErrorKind::RuntimeError));
+        message = e.what();
+    }
+    halide_set_custom_malloc(previous);
+    EXPECT_NE(message.find("batch_norm_backward: pipeline failed"), std::string::npos) << message;
+    EXPECT_EQ(t.grad_weight.bytes(), weight_before) << "grad_weight changed";
+    EXPECT_EQ(t.grad_bias.bytes(), bias_before) << "grad_bias changed";
+    // And the library still works afterwards.
+    const ReferenceBackward expected = t.reference();
+    t.run();
+    expect_close(t.grad_bias.values(), rounded(DType::Float32, expected.grad_bias), 1e-6, "grad_bias after recovery");
+}
 
 }  // namespace
 }  // namespace hbn_test
