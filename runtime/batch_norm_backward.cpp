@@ -9,6 +9,7 @@
 #include "kernels.h"
 #include "validation.h"
 
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -26,7 +27,7 @@ void batch_norm_backward(const Tensor &grad_output, const Tensor &input_x, const
                                             options);
     const Device device = backend_for_call(options.device, input_x.memory);
     const int64_t channels = view.channels;
-    const std::vector<const Tensor *> channel_gradients = {&grad_weight, &grad_bias};
+    const std::array<const Tensor *, 2> channel_gradients = {&grad_weight, &grad_bias};
     if (view.empty()) {
         // Sums over no values.
         for (const Tensor *gradient : channel_gradients) {

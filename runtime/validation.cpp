@@ -187,14 +187,21 @@ struct Role {
     }
 };
 
+// A call's tensors (at most 8), without a heap allocation per call.
+struct Roles {
+    std::array<Role, 8> items;
+    size_t count = 0;
+    void add(const Role &role) { items[count++] = role; }
+};
+
 // Fails if a tensor hbn writes overlaps another argument among `roles`,
 // unless the two are the call's in-place pair, `source` (read) and `target`
 // (written), with the same data.
-void check_aliasing(const std::vector<Role> &roles, const Tensor &source, const Tensor &target,
+void check_aliasing(const Roles &roles, const Tensor &source, const Tensor &target,
                     const char *in_place_rule) {
-    for (size_t i = 0; i < roles.size(); i++) {
-        for (size_t j = i + 1; j < roles.size(); j++) {
-            const Role &a = roles[i], &b = roles[j];
+    for (size_t i = 0; i < roles.count; i++) {
+        for (size_t j = i + 1; j < roles.count; j++) {
+            const Role &a = roles.items[i], &b = roles.items[j];
             const bool in_place = ((a.tensor == &source && b.tensor == &target) ||
                                    (a.tensor == &target && b.tensor == &source)) &&
                                   a.begin == b.begin;
@@ -312,15 +319,16 @@ DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &
     }
 
     const int64_t data_count = element_count(x), channels = view.channels;
-    std::vector<Role> roles = {Role(x, data_count, "input_x", false),
-                               Role(args.output, data_count, "output", true),
-                               Role(args.running_mean, channels, "running_mean", training),
-                               Role(args.running_var, channels, "running_var", training),
-                               Role(args.weight, channels, "weight", false),
-                               Role(args.bias, channels, "bias", false)};
+    Roles roles;
+    roles.add(Role(x, data_count, "input_x", false));
+    roles.add(Role(args.output, data_count, "output", true));
+    roles.add(Role(args.running_mean, channels, "running_mean", training));
+    roles.add(Role(args.running_var, channels, "running_var", training));
+    roles.add(Role(args.weight, channels, "weight", false));
+    roles.add(Role(args.bias, channels, "bias", false));
     if (args.saved_mean != nullptr) {
-        roles.emplace_back(*args.saved_mean, channels, "saved_mean", true);
-        roles.emplace_back(*args.saved_inv_std, channels, "saved_inv_std", true);
+        roles.add(Role(*args.saved_mean, channels, "saved_mean", true));
+        roles.add(Role(*args.saved_inv_std, channels, "saved_inv_std", true));
     }
     check_aliasing(roles, x, args.output, "only output may be input_x itself, for in place");
     return view;
@@ -363,16 +371,19 @@ DataView validate_backward(const BackwardArguments &args, const BatchNormOptions
         check_channel_vector(mean, mean_name, channels);
         check_channel_vector(spread, spread_name, channels);
     }
-    std::vector<Role> roles = {Role(dy, data_count, "grad_output", false), Role(x, data_count, "input_x", false),
-                               Role(args.weight, channels, "weight", false),
-                               Role(mean, channels, mean_name, false), Role(spread, channels, spread_name, false)};
+    Roles roles;
+    roles.add(Role(dy, data_count, "grad_output", false));
+    roles.add(Role(x, data_count, "input_x", false));
+    roles.add(Role(args.weight, channels, "weight", false));
+    roles.add(Role(mean, channels, mean_name, false));
+    roles.add(Role(spread, channels, spread_name, false));
     if (given(args.grad_input)) {
-        roles.emplace_back(args.grad_input, data_count, "grad_input", true);
+        roles.add(Role(args.grad_input, data_count, "grad_input", true));
     }
     for (const auto &[gradient, name] : {std::pair{&args.grad_weight, "grad_weight"}, {&args.grad_bias, "grad_bias"}}) {
         if (given(*gradient)) {
             check_channel_vector(*gradient, name, channels);
-            roles.emplace_back(*gradient, channels, name, true);
+            roles.add(Role(*gradient, channels, name, true));
         }
     }
     check_aliasing(roles, dy, args.grad_input, "only grad_input may be grad_output itself, for in place");
