@@ -1,18 +1,23 @@
-// Benchmarks hbn::batch_norm against a copy of the same bytes, oneDNN and
-// libtorch, case by case, in one run.
+// Benchmarks hbn::batch_norm and hbn::batch_norm_backward against a copy of
+// the same bytes, oneDNN and libtorch, case by case, in one run.
 //
-// Names are BM/<mode>/<dtype>/<layout>/<size>/<impl>, impl being hbn, copy,
-// onednn or torch; bench/report.py groups them by case. Every implementation
-// reports the bytes of x read plus y written, in both modes, so that their
-// GB/s compare. Buffers are allocated, filled and touched once per dtype,
-// layout and size (outside any timed loop), and each implementation is
-// warmed up once and checked on a sample of outputs after it is timed.
+// Names are BM/<mode>/<dtype>/<layout>/<size>/<impl>, mode being inference,
+// training (the forward), backward_inference or backward_training (the
+// backward, all three gradients), impl hbn, copy, onednn or torch;
+// bench/report.py groups them by case. Every implementation reports the same
+// bytes, so that their GB/s compare: x read plus y written (forward); x and
+// dy read plus dx written (backward: 12 bytes per float32 element, the least
+// it can move). The copy moves exactly those bytes. Buffers are allocated,
+// filled and touched once per dtype, layout and size (outside any timed
+// loop), and each implementation is warmed up once and checked on a sample of
+// outputs, against a double-precision reference, after it is timed.
 #include "bench_case.h"
 
 #include <benchmark/benchmark.h>
 #include <immintrin.h>
 
 #include <malloc.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <climits>
@@ -37,9 +42,10 @@ struct Size {
 const Size kSizes[] = {
     // MindSpore's documented example (N=2, C=2): per-call latency.
     {"tiny", {2, 2}, {2, 2}},
-    // x + y = 51 MB in float32: inside this VM's 480 MB L3.
+    // x + y = 51 MB in float32 (backward: x + dy + dx = 77 MB): inside this
+    // VM's 480 MB L3.
     {"mid", {32, 64, 56, 56}, {32, 64, 56, 56}},
-    // x + y = 822 MB in both dtypes: DRAM.
+    // x + y = 822 MB in both dtypes (backward: 1.23 GB): DRAM.
     {"large", {128, 64, 112, 112}, {256, 64, 112, 112}},
 };
 
@@ -64,6 +70,11 @@ double load(const Case &c, const void *p, int64_t i) {
     return c.dtype == hbn::DType::Float16 ? from_half(static_cast<const uint16_t *>(p)[i])
                                           : static_cast<const float *>(p)[i];
 }
+// The element's bits.
+uint32_t load_bits(const Case &c, const void *p, int64_t i) {
+    if (c.dtype == hbn::DType::Float16) return static_cast<const uint16_t *>(p)[i];
+    return static_cast<const uint32_t *>(p)[i];
+}
 
 // ---- Parallel helpers (setup only, and the copy) ----
 void parallel_for(int64_t n, const std::function<void(int, int64_t, int64_t)> &body) {
@@ -74,10 +85,12 @@ void parallel_for(int64_t n, const std::function<void(int, int64_t, int64_t)> &b
     for (auto &t : threads) t.join();
 }
 
-// memcpy split across kThreads threads: the caller and kThreads - 1 persistent
+// Runs part(begin, end) over the byte range [0, bytes), split at 64-byte
+// edges across kThreads threads: the caller and kThreads - 1 persistent
 // workers (no thread creation in the timed loop).
 class CopyPool {
 public:
+    using Part = std::function<void(size_t, size_t)>;
     CopyPool() {
         for (int t = 1; t < kThreads; ++t) workers_.emplace_back([this, t] { work(t); });
     }
@@ -89,28 +102,28 @@ public:
         start_.notify_all();
         for (auto &w : workers_) w.join();
     }
-    void copy(void *dst, const void *src, size_t bytes) {
-        if (workers_.empty() || bytes < (256u << 10)) {
-            std::memcpy(dst, src, bytes);
+    void run(size_t bytes, const Part &part) {
+        if (workers_.empty()) {
+            part(0, bytes);
             return;
         }
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            dst_ = static_cast<char *>(dst), src_ = static_cast<const char *>(src), bytes_ = bytes;
+            part_ = &part, bytes_ = bytes;
             pending_ = static_cast<int>(workers_.size());
             ++generation_;
         }
         start_.notify_all();
-        copy_part(0);
+        run_part(0);
         std::unique_lock<std::mutex> lock(mutex_);
         done_.wait(lock, [this] { return pending_ == 0; });
     }
 
 private:
-    void copy_part(int t) const {
+    void run_part(int t) const {
         auto edge = [&](int i) { return bytes_ * i / kThreads / 64 * 64; };
         const size_t begin = edge(t), end = t + 1 == kThreads ? bytes_ : edge(t + 1);
-        std::memcpy(dst_ + begin, src_ + begin, end - begin);
+        (*part_)(begin, end);
     }
     void work(int t) {
         uint64_t seen = 0;
@@ -121,7 +134,7 @@ private:
                 if (stop_) return;
                 seen = generation_;
             }
-            copy_part(t);
+            run_part(t);
             std::lock_guard<std::mutex> lock(mutex_);
             if (--pending_ == 0) done_.notify_one();
         }
@@ -133,8 +146,7 @@ private:
     uint64_t generation_ = 0;
     int pending_ = 0;
     bool stop_ = false;
-    char *dst_ = nullptr;
-    const char *src_ = nullptr;
+    const Part *part_ = nullptr;
     size_t bytes_ = 0;
 };
 
@@ -166,23 +178,55 @@ bool guard_intact(const void *buffer, int64_t bytes) {
     return std::all_of(g, g + kGuard, [](unsigned char b) { return b == kGuardByte; });
 }
 
+// A tensor of the case's, uniform in [lo, hi), or zeros. Writing every page
+// here is the first touch; nothing timed page-faults.
+Buffer make_tensor(const Case &c, uint64_t seed, float lo = 0, float hi = 0) {
+    Buffer b = allocate(c.tensor_bytes());
+    parallel_for(c.elements(), [&](int t, int64_t begin, int64_t end) {
+        if (lo == hi) {
+            std::memset(static_cast<char *>(b.get()) + begin * c.element_bytes(), 0,
+                        (end - begin) * c.element_bytes());
+            return;
+        }
+        uint64_t s = seed + t;
+        for (int64_t i = begin; i < end; ++i) {
+            const float v = uniform(s, lo, hi);
+            if (c.dtype == hbn::DType::Float16)
+                static_cast<uint16_t *>(b.get())[i] = to_half(v);
+            else
+                static_cast<float *>(b.get())[i] = v;
+        }
+    });
+    return b;
+}
+
+// Per-channel sums of f(channel, value) over all of p, in double.
+template <class F>
+std::vector<double> channel_sums(const Case &c, const void *p, F f) {
+    const int64_t C = c.channels(), S = c.elements() / c.dims[0] / C;
+    const bool nchw = c.layout == hbn::Layout::NCHW;
+    // Memory as rows: N * C rows of S values of channel row % C (NCHW), or
+    // N * S rows of C values, one per channel (NHWC).
+    const int64_t row = nchw ? S : C;
+    std::vector<std::vector<double>> part(kThreads, std::vector<double>(C));
+    parallel_for(c.elements() / row, [&](int t, int64_t begin, int64_t end) {
+        std::vector<double> &sum = part[t];
+        for (int64_t r = begin; r < end; ++r)
+            for (int64_t j = 0; j < row; ++j) {
+                const int64_t ch = nchw ? r % C : j;
+                sum[ch] += f(ch, load(c, p, r * row + j));
+            }
+    });
+    std::vector<double> total(C);
+    for (const auto &sum : part)
+        for (int64_t ch = 0; ch < C; ++ch) total[ch] += sum[ch];
+    return total;
+}
+
 std::unique_ptr<Data> make_data(const Case &c) {
     auto d = std::make_unique<Data>();
-    d->x = allocate(c.tensor_bytes());
-    d->y = allocate(c.tensor_bytes());
-    // Writing every page here is the first touch; nothing timed page-faults.
-    parallel_for(c.elements(), [&](int t, int64_t begin, int64_t end) {
-        uint64_t s = 0x1234 + t;
-        for (int64_t i = begin; i < end; ++i) {
-            const float v = uniform(s, -2, 2);
-            if (c.dtype == hbn::DType::Float16)
-                static_cast<uint16_t *>(d->x.get())[i] = to_half(v);
-            else
-                static_cast<float *>(d->x.get())[i] = v;
-        }
-        std::memset(static_cast<char *>(d->y.get()) + begin * c.element_bytes(), 0,
-                    (end - begin) * c.element_bytes());
-    });
+    d->x = make_tensor(c, 0x1234, -2, 2);
+    d->y = make_tensor(c, 0);
     uint64_t s = 42;
     for (int64_t i = 0; i < c.channels(); ++i) {
         d->running_mean.push_back(uniform(s, -0.5f, 0.5f));
@@ -195,6 +239,27 @@ std::unique_ptr<Data> make_data(const Case &c) {
     return d;
 }
 
+// What the backward adds, for the first backward case on d.
+void add_backward_data(const Case &c, Data &d) {
+    const int64_t C = c.channels();
+    const double M = static_cast<double>(c.elements() / C);
+    d.dy = make_tensor(c, 0x5678, -1, 1);
+    d.grad_weight.assign(C, 0);
+    d.grad_bias.assign(C, 0);
+    // x's batch statistics, in two passes, as batch_norm_training saves them.
+    std::vector<double> mean = channel_sums(c, d.x.get(), [](int64_t, double v) { return v; });
+    for (double &m : mean) m /= M;
+    const std::vector<double> sq = channel_sums(c, d.x.get(), [&](int64_t ch, double v) {
+        return (v - mean[ch]) * (v - mean[ch]);
+    });
+    for (int64_t ch = 0; ch < C; ++ch) {
+        d.batch_mean.push_back(static_cast<float>(mean[ch]));
+        d.batch_inv_std.push_back(static_cast<float>(1 / std::sqrt(sq[ch] / M + kEps)));
+        const double inv_std = d.batch_inv_std.back();
+        d.batch_var.push_back(static_cast<float>(std::max(0.0, 1 / (inv_std * inv_std) - kEps)));
+    }
+}
+
 // ---- hbn and copy ----
 struct HbnRunner : Runner {
     hbn::Tensor x, mean, var, weight, bias, y;
@@ -202,73 +267,257 @@ struct HbnRunner : Runner {
     void run() override { hbn::batch_norm(x, mean, var, weight, bias, y, options); }
 };
 
-std::unique_ptr<Runner> make_hbn(const Case &c, Data &d) {
-    auto r = std::make_unique<HbnRunner>();
-    auto param = [&](std::vector<float> &v) {
-        return hbn::Tensor{v.data(), hbn::DType::Float32, {c.channels()}};
-    };
-    r->x = {d.x.get(), c.dtype, c.shape()};
-    r->y = {d.y.get(), c.dtype, c.shape()};
-    r->mean = param(d.running_mean);
-    r->var = param(d.running_var);
-    r->weight = param(d.weight);
-    r->bias = param(d.bias);
-    r->options.training = c.mode == Mode::Training;
-    r->options.layout = c.layout;
-    r->options.momentum = kMomentum;
-    r->options.eps = kEps;
-    return r;
-}
-
-struct CopyRunner : Runner {
-    void *dst;
-    const void *src;
-    size_t bytes;
+struct HbnBackwardRunner : Runner {
+    hbn::Tensor dy, x, weight, running_mean, running_var, saved_mean, saved_inv_std, dx,
+        grad_weight, grad_bias;
+    hbn::BatchNormOptions options;
     void run() override {
-        static CopyPool pool;
-        pool.copy(dst, src, bytes);
+        hbn::batch_norm_backward(dy, x, weight, running_mean, running_var, saved_mean,
+                                 saved_inv_std, dx, grad_weight, grad_bias, options);
     }
 };
 
-std::unique_ptr<Runner> make_copy(const Case &c, Data &d) {
-    auto r = std::make_unique<CopyRunner>();
-    r->dst = d.y.get(), r->src = d.x.get(), r->bytes = c.tensor_bytes();
-    r->label = std::to_string(c.tensor_bytes() < (256 << 10) ? 1 : kThreads) + "-thread memcpy";
+std::unique_ptr<Runner> make_hbn(const Case &c, Data &d) {
+    auto param = [&](std::vector<float> &v) {
+        return hbn::Tensor{v.data(), hbn::DType::Float32, {c.channels()}};
+    };
+    auto tensor = [&](Buffer &b) { return hbn::Tensor{b.get(), c.dtype, c.shape()}; };
+    hbn::BatchNormOptions options;
+    options.training = c.mode == Mode::Training;
+    options.layout = c.layout;
+    options.momentum = kMomentum;
+    options.eps = kEps;
+    if (c.pass == Pass::Forward) {
+        auto r = std::make_unique<HbnRunner>();
+        r->x = tensor(d.x);
+        r->y = tensor(d.y);
+        r->mean = param(d.running_mean);
+        r->var = param(d.running_var);
+        r->weight = param(d.weight);
+        r->bias = param(d.bias);
+        r->options = options;
+        return r;
+    }
+    auto r = std::make_unique<HbnBackwardRunner>();
+    r->dy = tensor(d.dy);
+    r->x = tensor(d.x);
+    r->dx = tensor(d.y);
+    r->weight = param(d.weight);
+    // The mode's pair of statistics; the other stays a default Tensor{}.
+    if (options.training) {
+        r->saved_mean = param(d.batch_mean);
+        r->saved_inv_std = param(d.batch_inv_std);
+    } else {
+        r->running_mean = param(d.running_mean);
+        r->running_var = param(d.running_var);
+    }
+    r->grad_weight = param(d.grad_weight);
+    r->grad_bias = param(d.grad_bias);
+    r->options = options;
     return r;
 }
 
+// A copy of the least bytes the case's pass moves. part(begin, end) does the
+// bytes [begin, end) of the output; below kSerialBytes of output the calling
+// thread does them all.
+constexpr size_t kSerialBytes = 256u << 10;
+
+CopyPool &copy_pool() {
+    static CopyPool pool;
+    return pool;
+}
+
+template <class Part>
+struct CopyRunner : Runner {
+    Part part;
+    size_t bytes;
+    void run() override {
+        if (bytes < kSerialBytes)
+            part(0, bytes);
+        else
+            copy_pool().run(bytes, std::cref(part));
+    }
+};
+
+// Forward: y = x.
+struct Memcpy {
+    char *dst;
+    const char *src;
+    void operator()(size_t begin, size_t end) const {
+        std::memcpy(dst + begin, src + begin, end - begin);
+    }
+};
+
+// Backward: dx = x ^ dy, bitwise. It reads x and dy and writes dx once each,
+// 3 bytes per byte of x (12 per float32 element, the backward's least
+// traffic) in either dtype, with no arithmetic that could bound it. Streaming
+// stores, when its bytes do not fit in the L3, keep dx's writes from reading
+// it first (as glibc's memcpy does above a threshold): 12 bytes of DRAM
+// traffic per element, not 16.
+using XorKernel = void (*)(char *, const char *, const char *, size_t);
+
+template <bool Stream>
+__attribute__((target("avx2"))) void xor_avx2(char *dst, const char *a, const char *b, size_t n) {
+    // dst, a and b are 64-byte aligned: page-aligned buffers, 64-byte parts.
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        const __m256i *pa = reinterpret_cast<const __m256i *>(a + i);
+        const __m256i *pb = reinterpret_cast<const __m256i *>(b + i);
+        __m256i *out = reinterpret_cast<__m256i *>(dst + i);
+        const __m256i v0 = _mm256_xor_si256(_mm256_load_si256(pa), _mm256_load_si256(pb));
+        const __m256i v1 = _mm256_xor_si256(_mm256_load_si256(pa + 1), _mm256_load_si256(pb + 1));
+        if (Stream) {
+            _mm256_stream_si256(out, v0);
+            _mm256_stream_si256(out + 1, v1);
+        } else {
+            _mm256_store_si256(out, v0);
+            _mm256_store_si256(out + 1, v1);
+        }
+    }
+    for (; i < n; ++i) dst[i] = a[i] ^ b[i];
+    if (Stream) _mm_sfence();
+}
+
+void xor_plain(char *dst, const char *a, const char *b, size_t n) {
+    for (size_t i = 0; i < n; ++i) dst[i] = a[i] ^ b[i];  // SSE2, by the compiler
+}
+
+struct Xor {
+    char *dst;
+    const char *a, *b;
+    XorKernel kernel;
+    void operator()(size_t begin, size_t end) const {
+        kernel(dst + begin, a + begin, b + begin, end - begin);
+    }
+};
+
+template <class Part>
+std::unique_ptr<Runner> make_copy_runner(const Part &part, size_t bytes, const std::string &what) {
+    auto r = std::make_unique<CopyRunner<Part>>();
+    r->part = part, r->bytes = bytes;
+    r->label = std::to_string(bytes < kSerialBytes ? 1 : kThreads) + "-thread " + what;
+    return r;
+}
+
+std::unique_ptr<Runner> make_copy(const Case &c, Data &d) {
+    char *y = static_cast<char *>(d.y.get());
+    const char *x = static_cast<const char *>(d.x.get());
+    if (c.pass == Pass::Forward) return make_copy_runner(Memcpy{y, x}, c.tensor_bytes(), "memcpy");
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    const bool avx2 = __builtin_cpu_supports("avx2"), stream = l3 > 0 && c.bytes_moved() > l3;
+    const XorKernel kernel = !avx2 ? xor_plain : stream ? xor_avx2<true> : xor_avx2<false>;
+    return make_copy_runner(Xor{y, x, static_cast<const char *>(d.dy.get()), kernel},
+                            c.tensor_bytes(),
+                            std::string("dx = x ^ dy") +
+                                (!avx2 ? "" : stream ? ", AVX2, streaming stores" : ", AVX2"));
+}
+
 // ---- Checking a sample of outputs against a double-precision reference ----
-std::string check(const Case &c, Impl impl, const Data &d) {
+// got is within bound of want; else a message saying where it is not.
+std::string compare(const char *what, int64_t i, double got, double want, double bound) {
+    if (std::abs(got - want) <= bound) return "";
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "wrong result: %s[%lld] = %.10g, want %.10g", what,
+                  static_cast<long long>(i), got, want);
+    return msg;
+}
+
+// Checks y's guard, then check_channel(ch, M, offset) on channels 0, C / 2
+// and C - 1, offset(m) being the element offset of the channel's m-th value
+// (of M); the first error found, or "".
+template <class F>
+std::string check_channels(const Case &c, const Data &d, F check_channel) {
     if (!guard_intact(d.y.get(), c.tensor_bytes())) return "wrote past the end of the output";
     const int64_t C = c.channels(), M = c.elements() / C, S = M / c.dims[0];
-    const double tol = c.dtype == hbn::DType::Float16 ? 4e-3 : 1e-4;
     for (int64_t ch : {int64_t{0}, C / 2, C - 1}) {
+        const std::string err =
+            check_channel(ch, M, [&](int64_t m) { return c.offset(m / S, ch, m % S); });
+        if (!err.empty()) return err;
+    }
+    return "";
+}
+
+// The 64 sampled values of a channel of M values: m = 0 ... M - 1.
+int64_t sample(int64_t M, int k) { return (M - 1) * k / 63; }
+
+std::string check_forward(const Case &c, Impl impl, const Data &d) {
+    const double tol = c.dtype == hbn::DType::Float16 ? 4e-3 : 1e-4;
+    return check_channels(c, d, [&](int64_t ch, int64_t M, auto offset) -> std::string {
         double mean = d.running_mean[ch], var = d.running_var[ch];
         if (c.mode == Mode::Training) {  // biased batch statistics, two passes
             double sum = 0, sq = 0;
-            for (int64_t m = 0; m < M; ++m) sum += load(c, d.x.get(), c.offset(m / S, ch, m % S));
+            for (int64_t m = 0; m < M; ++m) sum += load(c, d.x.get(), offset(m));
             mean = sum / M;
             for (int64_t m = 0; m < M; ++m) {
-                const double v = load(c, d.x.get(), c.offset(m / S, ch, m % S)) - mean;
+                const double v = load(c, d.x.get(), offset(m)) - mean;
                 sq += v * v;
             }
             var = sq / M;
         }
         for (int k = 0; k < 64; ++k) {
-            const int64_t m = (M - 1) * k / 63, i = c.offset(m / S, ch, m % S);
-            const double x = load(c, d.x.get(), i), y = load(c, d.y.get(), i);
+            const int64_t i = offset(sample(M, k));
+            const double x = load(c, d.x.get(), i);
             const double want = impl == Impl::Copy
                                     ? x
                                     : (x - mean) / std::sqrt(var + kEps) * d.weight[ch] + d.bias[ch];
-            if (!(std::abs(y - want) <= tol * (1 + std::abs(want)))) {
-                char msg[160];
-                std::snprintf(msg, sizeof msg, "wrong result: y[%lld] = %.7g, want %.7g",
-                              static_cast<long long>(i), y, want);
-                return msg;
-            }
+            const std::string err =
+                compare("y", i, load(c, d.y.get(), i), want, tol * (1 + std::abs(want)));
+            if (!err.empty()) return err;
         }
-    }
-    return "";
+        return "";
+    });
+}
+
+// PyTorch's native_batch_norm_backward formulas (see hbn/batch_norm.h), on
+// the statistics the implementations were given. Bounds are relative to the
+// magnitudes each result is formed from: grad_input's terms, and the sums of
+// |dy| and |dy * xhat| for grad_bias and grad_weight. Float accumulation over
+// a channel stays well inside 1e-6 of the latter (libtorch's and oneDNN's
+// NHWC sums, on 2 threads at the large size: 4e-8); the sums themselves, of
+// random signs, are about 1 / sqrt(M) of them, so a wrong one is caught.
+std::string check_backward(const Case &c, Impl impl, const Data &d) {
+    const double tol = c.dtype == hbn::DType::Float16 ? 4e-3 : 1e-4, sum_tol = 1e-6;
+    const void *x = d.x.get(), *dy = d.dy.get(), *dx = d.y.get();
+    const bool training = c.mode == Mode::Training;
+    return check_channels(c, d, [&](int64_t ch, int64_t M, auto offset) -> std::string {
+        if (impl == Impl::Copy) {
+            for (int k = 0; k < 64; ++k) {
+                const int64_t i = offset(sample(M, k));
+                const std::string err = compare("dx bits", i, load_bits(c, dx, i),
+                                                load_bits(c, x, i) ^ load_bits(c, dy, i), 0);
+                if (!err.empty()) return err;
+            }
+            return "";
+        }
+        const double mean = training ? d.batch_mean[ch] : d.running_mean[ch];
+        const double inv_std = training ? d.batch_inv_std[ch]
+                                        : 1 / std::sqrt(d.running_var[ch] + kEps);
+        double sum_dy = 0, sum_dy_xhat = 0, abs_dy = 0, abs_dy_xhat = 0;
+        for (int64_t m = 0; m < M; ++m) {
+            const int64_t i = offset(m);
+            const double g = load(c, dy, i), g_xhat = g * (load(c, x, i) - mean) * inv_std;
+            sum_dy += g, abs_dy += std::abs(g);
+            sum_dy_xhat += g_xhat, abs_dy_xhat += std::abs(g_xhat);
+        }
+        std::string err = compare("grad_bias", ch, d.grad_bias[ch], sum_dy, sum_tol * abs_dy);
+        if (err.empty())
+            err = compare("grad_weight", ch, d.grad_weight[ch], sum_dy_xhat, sum_tol * abs_dy_xhat);
+        const double scale = d.weight[ch] * inv_std, mean_dy = sum_dy / M, slope = sum_dy_xhat / M;
+        for (int k = 0; k < 64 && err.empty(); ++k) {
+            const int64_t i = offset(sample(M, k));
+            const double g = load(c, dy, i), xhat = (load(c, x, i) - mean) * inv_std;
+            const double want = training ? scale * (g - mean_dy - xhat * slope) : scale * g;
+            const double terms = training ? std::abs(scale) * (std::abs(g) + std::abs(mean_dy) +
+                                                               std::abs(xhat * slope))
+                                          : std::abs(want);
+            err = compare("dx", i, load(c, dx, i), want, tol * (1 + terms));
+        }
+        return err;
+    });
+}
+
+std::string check(const Case &c, Impl impl, const Data &d) {
+    return c.pass == Pass::Forward ? check_forward(c, impl, d) : check_backward(c, impl, d);
 }
 
 // ---- Running one benchmark ----
@@ -298,15 +547,18 @@ Current &prepare(const Case &c, Impl impl) {
             cur.data_key = c.data_key();
         }
         Data &d = *cur.data;
+        if (c.pass == Pass::Backward && !d.dy) add_backward_data(c, d);
         switch (impl) {
         case Impl::Hbn: cur.runner = make_hbn(c, d); break;
         case Impl::Copy: cur.runner = make_copy(c, d); break;
         case Impl::Onednn: cur.runner = make_onednn(c, d); break;
         case Impl::Torch: cur.runner = make_torch(c, d); break;
         }
-        // Poison y (NaN in both dtypes) so that the check sees this
-        // implementation's output, then warm up (JIT, thread pools, caches).
+        // Poison the outputs (NaN in both dtypes) so that the check sees this
+        // implementation's, then warm up (JIT, thread pools, caches).
         std::memset(d.y.get(), 0xff, c.tensor_bytes());
+        std::fill(d.grad_weight.begin(), d.grad_weight.end(), NAN);
+        std::fill(d.grad_bias.begin(), d.grad_bias.end(), NAN);
         cur.runner->run();
     } catch (const Unavailable &e) {
         cur.error = std::string("unavailable: ") + e.what();
@@ -327,7 +579,7 @@ void run_benchmark(benchmark::State &state, const Case &c, Impl impl) {
     Runner &runner = *cur.runner;
     for (auto _ : state) runner.run();
     runner.finish();
-    state.SetBytesProcessed(state.iterations() * 2 * c.tensor_bytes());
+    state.SetBytesProcessed(state.iterations() * c.bytes_moved());
     state.SetLabel(runner.label);
     if (!cur.checked) {
         cur.checked = true;
@@ -343,20 +595,21 @@ void register_all() {
     for (const Size &size : kSizes)
         for (hbn::DType dtype : {hbn::DType::Float32, hbn::DType::Float16})
             for (hbn::Layout layout : {hbn::Layout::NCHW, hbn::Layout::NHWC})
-                for (Mode mode : {Mode::Inference, Mode::Training})
-                    for (Impl impl : {Impl::Hbn, Impl::Copy, Impl::Onednn, Impl::Torch}) {
-                        const Case c{mode, dtype, layout, size.name,
-                                     dtype == hbn::DType::Float16 ? size.float16_dims
-                                                                  : size.float32_dims};
-                        const std::string name = "BM/" + c.name() + "/" + impl_name(impl);
-                        auto *b = benchmark::RegisterBenchmark(
-                            name.c_str(),
-                            [c, impl](benchmark::State &s) { run_benchmark(s, c, impl); });
-                        b->UseRealTime()->Unit(c.size == "tiny" ? benchmark::kNanosecond
-                                                                : benchmark::kMillisecond);
-                        // Calls of 40 ms to 0.5 s: time at least 1 s of them.
-                        if (c.size == "large") b->MinTime(1.0);
-                    }
+                for (Pass pass : {Pass::Forward, Pass::Backward})
+                    for (Mode mode : {Mode::Inference, Mode::Training})
+                        for (Impl impl : {Impl::Hbn, Impl::Copy, Impl::Onednn, Impl::Torch}) {
+                            const Case c{pass, mode, dtype, layout, size.name,
+                                         dtype == hbn::DType::Float16 ? size.float16_dims
+                                                                      : size.float32_dims};
+                            const std::string name = "BM/" + c.name() + "/" + impl_name(impl);
+                            auto *b = benchmark::RegisterBenchmark(
+                                name.c_str(),
+                                [c, impl](benchmark::State &s) { run_benchmark(s, c, impl); });
+                            b->UseRealTime()->Unit(c.size == "tiny" ? benchmark::kNanosecond
+                                                                    : benchmark::kMillisecond);
+                            // Calls of 40 ms to 0.5 s: time at least 1 s of them.
+                            if (c.size == "large") b->MinTime(1.0);
+                        }
 }
 
 }  // namespace

@@ -16,9 +16,13 @@ namespace bench {
 constexpr double kMomentum = 0.1;
 constexpr double kEps = 1e-5;
 
+// The forward (hbn::batch_norm) or its backward (hbn::batch_norm_backward),
+// each in either mode.
+enum class Pass { Forward, Backward };
 enum class Mode { Inference, Training };
 
 struct Case {
+    Pass pass;
     Mode mode;
     hbn::DType dtype;
     hbn::Layout layout;
@@ -33,6 +37,10 @@ struct Case {
     }
     int64_t element_bytes() const { return dtype == hbn::DType::Float16 ? 2 : 4; }
     int64_t tensor_bytes() const { return elements() * element_bytes(); }
+    // What every implementation is credited with per call, the least any of
+    // them must move: x read and y written (forward); x and dy read and dx
+    // written (backward).
+    int64_t bytes_moved() const { return (pass == Pass::Backward ? 3 : 2) * tensor_bytes(); }
 
     // The dense shape in memory order: (N, C, H, W) or (N, H, W, C).
     std::vector<int64_t> shape() const {
@@ -48,10 +56,14 @@ struct Case {
         return layout == hbn::Layout::NCHW ? (n * C + c) * S + s : (n * S + s) * C + c;
     }
 
-    std::string mode_name() const { return mode == Mode::Training ? "training" : "inference"; }
+    // inference, training, backward_inference, backward_training
+    std::string mode_name() const {
+        return std::string(pass == Pass::Backward ? "backward_" : "") +
+               (mode == Mode::Training ? "training" : "inference");
+    }
     std::string dtype_name() const { return dtype == hbn::DType::Float16 ? "float16" : "float32"; }
     std::string layout_name() const { return layout == hbn::Layout::NHWC ? "nhwc" : "nchw"; }
-    // Cases that differ only in mode share their buffers.
+    // Cases that differ only in pass and mode share their buffers.
     std::string data_key() const { return dtype_name() + "/" + layout_name() + "/" + size; }
     std::string name() const { return mode_name() + "/" + data_key(); }
 };
@@ -63,15 +75,25 @@ using Buffer = std::unique_ptr<void, FreeDeleter>;
 
 // x (random) and y, dense in the case's layout; parameters and statistics are
 // float32 of shape {C}. Training runs update running_mean and running_var.
+// The backward reads x and dy (random) and writes its grad_input into y (as
+// dx; forward and backward cases never run at once) and grad_weight and
+// grad_bias; dy and what follows it are set up by the first backward case.
 struct Data {
     Buffer x, y;
     std::vector<float> running_mean, running_var, weight, bias;
-    std::vector<float> saved_mean, saved_var;  // training outputs, where an API has them
+    std::vector<float> saved_mean, saved_var;  // forward training outputs, where an API has them
+    Buffer dy;
+    std::vector<float> grad_weight, grad_bias;
+    // x's biased batch statistics, computed on the host in double: the
+    // forward's saved_mean and saved_inv_std that training's backward reads,
+    // and batch_var = 1 / batch_inv_std^2 - eps, the form oneDNN takes.
+    std::vector<float> batch_mean, batch_inv_std, batch_var;
 };
 
-// One implementation prepared for one case: run() is one forward call;
-// finish() leaves the last call's output in Data::y, for the check. label, if
-// set, is reported with the result (e.g. oneDNN's implementation).
+// One implementation prepared for one case: run() is one call of the case's
+// pass; finish() leaves the last call's outputs in Data (y, and the backward's
+// grad_weight and grad_bias), for the check. label, if set, is reported with
+// the result (e.g. oneDNN's implementation).
 struct Runner {
     virtual ~Runner() = default;
     virtual void run() = 0;

@@ -4,13 +4,16 @@
     python3 bench/report.py RESULTS.json [--md OUT.md] [--png OUT.png]
     python3 bench/report.py --schedules SOURCE.json... --md OUT.md
 
-Prints the table and writes it to OUT.md, and the plot to OUT.png (by default
-next to RESULTS.json, with its name). Benchmarks are named
-BM/<mode>/<dtype>/<layout>/<size>/<impl>. For each case (mode, dtype, layout,
-size) the table gives hbn's time and the GB/s of every implementation (bytes of
-x read plus y written, the same for all), then the ratios copy/hbn and
-peer/hbn, each time_other / time_hbn: copy/hbn = 1 means hbn runs as fast as a
-copy of the tensor; peer/hbn > 1 means hbn is faster than the peer.
+Prints the tables and writes them to OUT.md, and the plot to OUT.png (by
+default next to RESULTS.json, with its name). Benchmarks are named
+BM/<mode>/<dtype>/<layout>/<size>/<impl>, mode being inference or training
+(the forward) or backward_inference or backward_training (the backward). For
+each case (mode, dtype, layout, size) a table, one for the forward and one for
+the backward, gives hbn's time and the GB/s of every implementation (the same
+bytes for all: x read plus y written in the forward; x and dy read plus dx
+written in the backward), then the ratios copy/hbn and peer/hbn, each
+time_other / time_hbn: copy/hbn = 1 means hbn runs as fast as a copy of those
+bytes; peer/hbn > 1 means hbn is faster than the peer.
 
 With --schedules, each JSON is one schedule source's run
 (scripts/bench_schedules.sh, context hbn_schedule): the table gives hbn's
@@ -27,11 +30,17 @@ IMPLS = ["hbn", "copy", "onednn", "torch"]
 PEERS = ["onednn", "torch"]
 ORDER = {
     "size": ["tiny", "mid", "large"],
-    "mode": ["inference", "training"],
+    "mode": ["inference", "training", "backward_inference", "backward_training"],
     "dtype": ["float32", "float16"],
     "layout": ["nchw", "nhwc"],
 }
 UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+# Each pass (pass_of): its title, and the bytes its GB/s count.
+PASSES = [
+    ("forward", "hbn::batch_norm", "x read plus y written"),
+    ("backward", "hbn::batch_norm_backward, all three gradients",
+     "x and dy read plus dx written (12 bytes per float32 element, the least it can move)"),
+]
 
 
 def cpu_model():
@@ -73,10 +82,16 @@ def load(path):
     return data.get("context", {}), cases
 
 
+def pass_of(case):
+    """forward or backward: the modes backward_* are the backward's."""
+    return "backward" if case[0].startswith("backward_") else "forward"
+
+
 def case_key(case):
     mode, dtype, layout, size = case
     rank = lambda axis, v: ORDER[axis].index(v) if v in ORDER[axis] else len(ORDER[axis])
-    return (rank("size", size), rank("mode", mode), rank("dtype", dtype), rank("layout", layout))
+    return (pass_of(case) == "backward", rank("size", size), rank("mode", mode),
+            rank("dtype", dtype), rank("layout", layout))
 
 
 def fmt_time(s):
@@ -127,29 +142,40 @@ def markdown(context, cases):
         f"CPU: {cpu_model()} ({context.get('num_cpus', '?')} CPUs, {threads} threads); "
         f"date: {date}" + "".join(f"; {e}" for e in extra),
         "",
-        "GB/s count the bytes of x read plus y written. copy/hbn and peer/hbn are "
-        "time_other / time_hbn: copy/hbn = 1 is copy speed, peer/hbn > 1 means hbn is faster.",
-        "",
-        "| case | hbn time | hbn GB/s | copy GB/s | onednn GB/s | torch GB/s "
-        "| copy/hbn | onednn/hbn | torch/hbn |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "copy/hbn and peer/hbn are time_other / time_hbn: copy/hbn = 1 is the speed of a copy "
+        "of the bytes the GB/s count, peer/hbn > 1 means hbn is faster.",
     ]
-    for case in sorted(cases, key=case_key):
-        r = cases[case]
-        hbn = r.get("hbn")
-        hbn_time = fmt_time(hbn["seconds"]) if hbn and "seconds" in hbn else fmt_gbps(hbn)
-        cells = ["/".join(case), hbn_time] + [fmt_gbps(r.get(i)) for i in IMPLS]
-        cells += [ratio(r.get(i), hbn) for i in ["copy"] + PEERS]
-        lines.append("| " + " | ".join(cells) + " |")
+    for name, title, counted in PASSES:
+        group = sorted((c for c in cases if pass_of(c) == name), key=case_key)
+        if not group:
+            continue
+        lines += [
+            "",
+            f"## {name.capitalize()}: {title}",
+            "",
+            f"GB/s count the bytes of {counted}.",
+            "",
+            "| case | hbn time | hbn GB/s | copy GB/s | onednn GB/s | torch GB/s "
+            "| copy/hbn | onednn/hbn | torch/hbn |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for case in group:
+            r = cases[case]
+            hbn = r.get("hbn")
+            hbn_time = fmt_time(hbn["seconds"]) if hbn and "seconds" in hbn else fmt_gbps(hbn)
+            cells = ["/".join(case), hbn_time] + [fmt_gbps(r.get(i)) for i in IMPLS]
+            cells += [ratio(r.get(i), hbn) for i in ["copy"] + PEERS]
+            lines.append("| " + " | ".join(cells) + " |")
 
-    # Why a cell is n/a or error, and which oneDNN implementation ran.
+    # Why a cell is n/a or error, which oneDNN implementation ran, and what
+    # the copies were.
     notes = defaultdict(list)
     for case in sorted(cases, key=case_key):
         for impl, r in cases[case].items():
             if "error" in r:
                 notes[f"{impl}: {r['error']}"].append("/".join(case))
-            elif impl == "onednn" and r["label"]:
-                notes[f"onednn ran {r['label']}"].append("/".join(case))
+            elif impl in ("onednn", "copy") and r["label"]:
+                notes[f"{impl} ran {r['label']}"].append("/".join(case))
     if notes:
         lines += ["", "Notes:", ""]
         for note, where in notes.items():
@@ -166,11 +192,13 @@ def plot(cases, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [s for s in ORDER["size"] if any(c[3] == s for c in cases)]
-    fig, axes = plt.subplots(len(sizes), 1, figsize=(13, 3.6 * len(sizes)), squeeze=False)
+    # One row of bars per pass and size.
+    rows = [(p, size) for p in PASSES for size in ORDER["size"]
+            if any(pass_of(c) == p[0] and c[3] == size for c in cases)]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(13, 3.6 * len(rows)), squeeze=False)
     width = 0.8 / len(IMPLS)
-    for ax, size in zip(axes[:, 0], sizes):
-        group = sorted((c for c in cases if c[3] == size), key=case_key)
+    for ax, ((name, _, counted), size) in zip(axes[:, 0], rows):
+        group = sorted((c for c in cases if pass_of(c) == name and c[3] == size), key=case_key)
         missing = []
         for k, impl in enumerate(IMPLS):
             xs = [i + (k - (len(IMPLS) - 1) / 2) * width for i in range(len(group))]
@@ -182,9 +210,12 @@ def plot(cases, path):
         for x in missing:
             ax.text(x, ax.get_ylim()[0], "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(group)))
-        ax.set_xticklabels(["/".join(c[:3]) for c in group], fontsize=8)
-        ax.set_ylabel("GB/s (x read + y written)")
-        ax.set_title(size + (" (log scale)" if size == "tiny" else ""))
+        # The mode without "backward_": the title says which pass.
+        ax.set_xticklabels(["/".join((c[0].replace("backward_", "", 1),) + c[1:3])
+                            for c in group], fontsize=8)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{name}, {size}" + (" (log scale)" if size == "tiny" else "") +
+                     f": GB/s of {counted}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=len(IMPLS))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))

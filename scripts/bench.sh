@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Builds the benchmarks and runs them: hbn against a copy of the same bytes,
-# oneDNN and libtorch. Writes bench/results/latest.{json,md,png}.
-# Extra arguments go to the benchmark binary, e.g.
+# Builds the benchmarks and runs them: hbn's forward (batch_norm) and backward
+# (batch_norm_backward), each in inference and training mode, against a copy
+# of the same bytes, oneDNN and libtorch. Writes
+# bench/results/latest.{json,md,png}. Extra arguments go to the benchmark
+# binary, e.g.
 #   scripts/bench.sh --benchmark_filter=mid
+#   scripts/bench.sh --benchmark_filter=BM/backward_
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh bench
