@@ -4,7 +4,7 @@
 # Debian's clang 14; the runtime and the tests are instrumented, the Halide
 # kernels are not (Halide compiles them).
 #  - build/asan, AddressSanitizer + UndefinedBehaviorSanitizer, CPU and
-#    OpenCL backends: the semantics, numerics, validation and threading tests
+#    OpenCL backends: the semantics, numerics, validation, backward and threading tests
 #    under the CPU's best x86 variant (the avx512-prefixed ones, which refuse
 #    no CPU feature, so every x86-64 machine runs them) with HBN_DEVICE=cpu,
 #    the runtime.* tests, the backend.* tests (OpenCL on PoCL), and the

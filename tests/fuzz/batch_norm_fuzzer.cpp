@@ -1,22 +1,36 @@
 // libFuzzer target: bytes decode into calls of every public entry point of
 // <hbn/batch_norm.h>, with shapes of zero, negative and huge extents (element
 // counts and byte sizes beyond int64 among them), invalid enum values,
-// extreme eps and momentum, null, misaligned and aliased data, and device
-// memory kinds. The contract it asserts (a breach traps, naming it on stderr):
+// extreme eps and momentum, null, misaligned and aliased data, device memory
+// kinds, and, in the backward, default Tensor{}s for the optional tensors
+// (the gradients, either pair of statistics). The contract it asserts (a
+// breach traps, naming it on stderr):
 //  - a call returns or throws hbn::Error; any other exception is a crash;
-//  - a throw leaves running_mean and running_var byte-for-byte unchanged;
-//  - a non-empty input_x with any shape that has a negative extent, or more
-//    elements or bytes than int64 holds, is a ValueError (a TypeError or
-//    RuntimeError may come first where the call has those faults too);
+//  - a throw writes nothing: the forward leaves running_mean and running_var,
+//    the backward every argument (grad_input, grad_weight, grad_bias among
+//    them), byte-for-byte unchanged;
+//  - a non-empty input_x with any shape that a call checks having a negative
+//    extent, or more elements or bytes than int64 holds, is a ValueError (a
+//    TypeError or RuntimeError may come first where the call has those
+//    faults too); so is a backward given a default Tensor{} for a statistic
+//    its mode uses (training: saved_mean, saved_inv_std; inference:
+//    running_mean, running_var);
 //  - a call that returns had valid arguments: no bad value, enum, dtype,
-//    shape, null or misaligned data, forbidden aliasing or GPU backend (this
-//    build has none: CMake requires HBN_BACKENDS=cpu), and in inference left
-//    the running statistics unchanged.
+//    shape, null or misaligned data, missing statistic, forbidden aliasing
+//    or GPU backend (this build has none: CMake requires HBN_BACKENDS=cpu).
+//    The backward checks neither the statistics its mode does not use nor
+//    the gradients it is not asked for (a default Tensor{}, rank 0);
+//  - a forward in inference that returns left the running statistics
+//    unchanged; a backward that returns left what it only reads (input_x,
+//    grad_output unless grad_input is it, weight, the statistics) unchanged,
+//    bar an unused statistic that a gradient overlaps.
 // Empty calls (input_x with an extent 0) need only return or throw
-// hbn::Error. Every tensor's bytes end at a PROT_NONE page, so a kernel that
-// reads past them faults: ASan does not see into the generated kernels. A
-// shape too large to back with memory, but representable, is never passed,
-// nor an alias that reaches past the memory it points into.
+// hbn::Error; an empty backward that returns leaves grad_weight and
+// grad_bias, where given, all zero. Every tensor's bytes end at a PROT_NONE
+// page, so a kernel that reads past them faults: ASan does not see into the
+// generated kernels. A shape too large to back with memory, but
+// representable, is never passed, nor an alias that reaches past the memory
+// it points into.
 #include <fuzzer/FuzzedDataProvider.h>
 #include <hbn/batch_norm.h>
 
@@ -198,7 +212,225 @@ std::unique_ptr<GuardedBuffer> make_tensor(FuzzedDataProvider &in, Tensor &t, st
     return memory;
 }
 
-// A call's tensors by role, as passed.
+// The options both directions take, valid or not; options.training picks
+// the mode (batch_norm_training runs in training whatever it says).
+hbn::BatchNormOptions fuzz_options(FuzzedDataProvider &in) {
+    hbn::BatchNormOptions options;
+    options.training = in.ConsumeBool();
+    options.momentum = fuzz_momentum(in);
+    options.eps = fuzz_eps(in);
+    options.layout = fault(in, 32) ? fuzz_enum<hbn::Layout>(in, 2)
+                                   : in.ConsumeBool() ? hbn::Layout::NHWC : hbn::Layout::NCHW;
+    options.device = fault(in, 16) ? fuzz_enum<hbn::Device>(in, 4)
+                                   : in.ConsumeBool() ? hbn::Device::CPU : hbn::Device::Auto;
+    return options;
+}
+
+// A data tensor's shape, mostly of rank 2 to 5, and the per-channel shape
+// {C} that goes with it under `layout`, else one of another length or rank.
+struct Shapes {
+    std::vector<int64_t> data, channel;
+};
+Shapes fuzz_shapes(FuzzedDataProvider &in, hbn::Layout layout) {
+    Shapes s;
+    s.data.resize(fault(in, 16) ? in.ConsumeIntegralInRange<size_t>(0, 1)
+                                : in.ConsumeIntegralInRange<size_t>(2, 5));
+    for (int64_t &e : s.data) {
+        e = fuzz_extent(in);
+    }
+    const int64_t channels = s.data.size() < 2 ? 1 : layout == hbn::Layout::NHWC ? s.data.back() : s.data[1];
+    s.channel = {channels};
+    if (fault(in, 16)) {
+        switch (in.ConsumeIntegralInRange<int>(0, 2)) {
+        case 0: s.channel = {channels == int64_max ? 0 : channels + 1}; break;
+        case 1: s.channel = {}; break;
+        default: s.channel = {1, channels}; break;
+        }
+    }
+    return s;
+}
+
+// Per-channel tensors whose shape is Huge, shrunk to the memory behind them,
+// so that input_x (empty, or one to refuse) still runs.
+void shrink_huge(std::initializer_list<Tensor *> tensors) {
+    for (Tensor *t : tensors) {
+        if (extent_of(*t).size == Size::Huge) {
+            t->shape = {1};
+        }
+    }
+}
+
+// Aliases: data `offset` bytes from t's (integer arithmetic: data may be
+// null), and data inside outer's bytes at an element offset where inner
+// fits.
+void *offset_data(const Tensor &t, int64_t offset) {
+    return reinterpret_cast<void *>(reinterpret_cast<uintptr_t>(t.data) + static_cast<uintptr_t>(offset));
+}
+void *data_inside(FuzzedDataProvider &in, const Tensor &outer, const Tensor &inner) {
+    const int64_t room = static_cast<int64_t>(byte_size(outer)) - static_cast<int64_t>(byte_size(inner));
+    const int64_t step = element_bytes(inner.dtype);
+    return offset_data(outer, room > 0 ? in.ConsumeIntegralInRange<int64_t>(0, room / step) * step : 0);
+}
+
+using Memories = std::vector<std::unique_ptr<GuardedBuffer>>;
+
+// The accessible bytes from a tensor's data on.
+size_t readable(const Memories &memory, const Tensor &t) {
+    size_t bytes = 0;
+    for (const auto &m : memory) {
+        bytes = std::max(bytes, m->readable_from(reinterpret_cast<uintptr_t>(t.data)));
+    }
+    return bytes;
+}
+
+// hbn may read whatever a call names, even one it refuses, so each tensor
+// must lie in memory (null ones aside): no Huge shape (which needs real
+// memory) and no alias that reaches past the bytes it points into. Bad
+// shapes are never addressable, so never read.
+bool in_memory(const Memories &memory, const std::vector<const Tensor *> &tensors) {
+    for (const Tensor *t : tensors) {
+        const Size size = extent_of(*t).size;
+        if (size == Size::Huge ||
+            (size == Size::Small && t->data != nullptr && readable(memory, *t) < byte_size(*t))) {
+            return false;
+        }
+    }
+    return true;
+}
+
+// A tensor's bytes, where its shape is Small and its data not null.
+std::vector<unsigned char> snapshot(const Tensor &t) {
+    const size_t bytes = extent_of(t).size == Size::Small && t.data != nullptr ? byte_size(t) : 0;
+    const auto *p = static_cast<const unsigned char *>(t.data);
+    return std::vector<unsigned char>(p, p + bytes);
+}
+std::vector<std::vector<unsigned char>> snapshots(const std::vector<const Tensor *> &tensors) {
+    std::vector<std::vector<unsigned char>> bytes;
+    for (const Tensor *t : tensors) {
+        bytes.push_back(snapshot(*t));
+    }
+    return bytes;
+}
+
+// Whether two tensors share a byte (Small or Empty shapes; Bad ones have
+// none).
+bool overlap(const Tensor &a, const Tensor &b) {
+    const auto a_begin = reinterpret_cast<uintptr_t>(a.data);
+    const auto b_begin = reinterpret_cast<uintptr_t>(b.data);
+    return a_begin < b_begin + byte_size(b) && b_begin < a_begin + byte_size(a);
+}
+
+// A tensor of a call, and whether the call writes it.
+struct Range {
+    const Tensor *t;
+    bool written;
+};
+
+// Whether a written tensor among `ranges` shares a byte with another, beyond
+// the call's in-place pair: `target` (written) with the same data as
+// `source` (read). Host tensors whose shapes are Small only.
+bool forbidden_overlap(const std::vector<Range> &ranges, const Tensor &source, const Tensor &target) {
+    for (size_t i = 0; i < ranges.size(); i++) {
+        for (size_t j = i + 1; j < ranges.size(); j++) {
+            const Tensor &a = *ranges[i].t, &b = *ranges[j].t;
+            const bool pair = (&a == &source && &b == &target) || (&a == &target && &b == &source);
+            if ((ranges[i].written || ranges[j].written) && !(pair && a.data == b.data) && overlap(a, b)) {
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
+// Argument checks that both directions share, each giving why a call that
+// returned should have thrown, or null.
+
+const char *invalid_options(const hbn::BatchNormOptions &o) {
+    if (!(o.eps > 0 && o.eps <= 1)) {
+        return "eps outside (0, 1] accepted";
+    }
+    if (!(o.momentum >= 0 && o.momentum <= 1)) {
+        return "momentum outside [0, 1] accepted";
+    }
+    if (o.layout != hbn::Layout::NCHW && o.layout != hbn::Layout::NHWC) {
+        return "an unknown Layout accepted";
+    }
+    if (o.device != hbn::Device::Auto && o.device != hbn::Device::CPU) {
+        return "a Device this CPU-only build cannot run (or an unknown one) accepted";
+    }
+    return nullptr;
+}
+
+// x of rank >= 2 under a known layout; C its channel extent.
+int64_t channels_of(const Tensor &x, hbn::Layout layout) {
+    return layout == hbn::Layout::NCHW ? x.shape[1] : x.shape.back();
+}
+
+// input_x of rank >= 2, each of `like_x` of its shape, each of
+// `per_channel` of shape {C}.
+const char *invalid_shapes(const Tensor &x, const std::vector<const Tensor *> &like_x,
+                           const std::vector<const Tensor *> &per_channel, hbn::Layout layout) {
+    if (x.shape.size() < 2) {
+        return "input_x of rank < 2 accepted";
+    }
+    for (const Tensor *t : like_x) {
+        if (t->shape != x.shape) {
+            return "a data tensor (output, grad_output, grad_input) of another shape than input_x accepted";
+        }
+    }
+    for (const Tensor *t : per_channel) {
+        if (t->shape != std::vector<int64_t>{channels_of(x, layout)}) {
+            return "a per-channel tensor not of shape {C} accepted";
+        }
+    }
+    return nullptr;
+}
+
+// Each tensor's extents, memory and data.
+const char *invalid_tensors(const std::vector<const Tensor *> &tensors) {
+    for (const Tensor *t : tensors) {
+        if (extent_of(*t).size == Size::Bad) {
+            return "a negative extent, or an element count or byte size beyond int64, accepted";
+        }
+        if (t->memory != hbn::Memory::Host) {
+            return "device (or unknown) memory accepted by a CPU-only build";
+        }
+        if (t->data == nullptr || reinterpret_cast<uintptr_t>(t->data) % element_bytes(t->dtype) != 0) {
+            return "null or misaligned data accepted";
+        }
+    }
+    return nullptr;
+}
+
+// Training: x (of valid shape, no extent 0) needs M >= 2 values per channel.
+const char *too_few_values(const Tensor &x, hbn::Layout layout) {
+    return extent_of(x).count / channels_of(x, layout) < 2
+               ? "training with fewer than two values per channel accepted"
+               : nullptr;
+}
+
+// Whether a call whose arguments include a ValueError's fault threw a kind
+// those faults allow (another fault of the call may be found first).
+bool allowed_kind(const hbn::Error &e, bool type_fault, bool gpu_requested) {
+    return e.kind() == hbn::ErrorKind::ValueError || (e.kind() == hbn::ErrorKind::TypeError && type_fault) ||
+           (e.kind() == hbn::ErrorKind::RuntimeError && gpu_requested);
+}
+
+[[noreturn]] void finding_after(const hbn::Error &e, const char *what) {
+    std::fprintf(stderr, "hbn::Error (kind %d): %s\n", static_cast<int>(e.kind()), e.what());
+    finding(what);
+}
+
+bool device_memory(const Tensor &t) {
+    return t.memory != hbn::Memory::Host;
+}
+bool gpu_device(hbn::Device device) {
+    return device == hbn::Device::OpenCL || device == hbn::Device::CUDA;
+}
+
+// Forward ---------------------------------------------------------------------
+
+// A forward call's tensors by role, as passed.
 struct Call {
     bool training_entry = false;
     hbn::BatchNormOptions options;
@@ -217,9 +449,20 @@ struct Call {
         t.insert(t.begin(), {&x, &output});
         return t;
     }
+    std::vector<Range> ranges() const {
+        std::vector<Range> r = {{&x, false},
+                                {&output, true},
+                                {&running_mean, training()},
+                                {&running_var, training()},
+                                {&weight, false},
+                                {&bias, false}};
+        if (training_entry) {
+            r.insert(r.end(), {{&saved_mean, true}, {&saved_inv_std, true}});
+        }
+        return r;
+    }
     bool gpu_requested() const {
-        return options.device == hbn::Device::OpenCL || options.device == hbn::Device::CUDA ||
-               x.memory != hbn::Memory::Host || output.memory != hbn::Memory::Host;
+        return gpu_device(options.device) || device_memory(x) || device_memory(output);
     }
     bool type_fault() const {
         bool fault = !valid_dtype(x.dtype) || output.dtype != x.dtype || !valid_dtype(running_mean.dtype);
@@ -231,84 +474,26 @@ struct Call {
     }
 };
 
-// Whether a written tensor shares a byte with another argument, beyond
-// output being input_x itself. Host tensors whose shapes are Small only.
-bool forbidden_overlap(const Call &call) {
-    struct Range {
-        const Tensor *t;
-        bool written;
-    };
-    std::vector<Range> ranges = {{&call.x, false},
-                                 {&call.output, true},
-                                 {&call.running_mean, call.training()},
-                                 {&call.running_var, call.training()},
-                                 {&call.weight, false},
-                                 {&call.bias, false}};
-    if (call.training_entry) {
-        ranges.push_back({&call.saved_mean, true});
-        ranges.push_back({&call.saved_inv_std, true});
-    }
-    for (size_t i = 0; i < ranges.size(); i++) {
-        for (size_t j = i + 1; j < ranges.size(); j++) {
-            const Tensor &a = *ranges[i].t, &b = *ranges[j].t;
-            const bool in_place = i == 0 && j == 1 && a.data == b.data;
-            const auto a_begin = reinterpret_cast<uintptr_t>(a.data);
-            const auto b_begin = reinterpret_cast<uintptr_t>(b.data);
-            const bool overlap = a_begin < b_begin + byte_size(b) && b_begin < a_begin + byte_size(a);
-            if ((ranges[i].written || ranges[j].written) && !in_place && overlap) {
-                return true;
-            }
-        }
-    }
-    return false;
-}
-
 // Why a non-empty call that returned should have thrown, or null. x has no
 // extent 0, and no tensor is Huge.
 const char *invalid_argument(const Call &call) {
-    const hbn::BatchNormOptions &o = call.options;
-    if (!(o.eps > 0 && o.eps <= 1)) {
-        return "eps outside (0, 1] accepted";
-    }
-    if (!(o.momentum >= 0 && o.momentum <= 1)) {
-        return "momentum outside [0, 1] accepted";
-    }
-    if (o.layout != hbn::Layout::NCHW && o.layout != hbn::Layout::NHWC) {
-        return "an unknown Layout accepted";
-    }
-    if (o.device != hbn::Device::Auto && o.device != hbn::Device::CPU) {
-        return "a Device this CPU-only build cannot run (or an unknown one) accepted";
+    if (const char *why = invalid_options(call.options)) {
+        return why;
     }
     if (call.type_fault()) {
         return "a bad or mismatched dtype accepted";
     }
-    if (call.x.shape.size() < 2) {
-        return "input_x of rank < 2 accepted";
+    const hbn::Layout layout = call.options.layout;
+    if (const char *why = invalid_shapes(call.x, {&call.output}, call.channel_tensors(), layout)) {
+        return why;
     }
-    if (call.output.shape != call.x.shape) {
-        return "output of another shape than input_x accepted";
+    if (const char *why = invalid_tensors(call.tensors())) {
+        return why;
     }
-    const int64_t channels = o.layout == hbn::Layout::NCHW ? call.x.shape[1] : call.x.shape.back();
-    for (const Tensor *t : call.channel_tensors()) {
-        if (t->shape != std::vector<int64_t>{channels}) {
-            return "a per-channel tensor not of shape {C} accepted";
-        }
+    if (call.training() && too_few_values(call.x, layout)) {
+        return too_few_values(call.x, layout);
     }
-    for (const Tensor *t : call.tensors()) {
-        if (extent_of(*t).size == Size::Bad) {
-            return "a negative extent, or an element count or byte size beyond int64, accepted";
-        }
-        if (t->memory != hbn::Memory::Host) {
-            return "device (or unknown) memory accepted by a CPU-only build";
-        }
-        if (t->data == nullptr || reinterpret_cast<uintptr_t>(t->data) % element_bytes(t->dtype) != 0) {
-            return "null or misaligned data accepted";
-        }
-    }
-    if (call.training() && extent_of(call.x).count / channels < 2) {
-        return "training with fewer than two values per channel accepted";
-    }
-    if (forbidden_overlap(call)) {
+    if (forbidden_overlap(call.ranges(), call.x, call.output)) {
         return "forbidden aliasing accepted";
     }
     return nullptr;
@@ -317,68 +502,33 @@ const char *invalid_argument(const Call &call) {
 void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
     Call call;
     call.training_entry = training_entry;
-    hbn::BatchNormOptions &options = call.options;
-    options.training = in.ConsumeBool();
-    options.momentum = fuzz_momentum(in);
-    options.eps = fuzz_eps(in);
-    options.layout = fault(in, 32) ? fuzz_enum<hbn::Layout>(in, 2)
-                                   : in.ConsumeBool() ? hbn::Layout::NHWC : hbn::Layout::NCHW;
-    options.device = fault(in, 16) ? fuzz_enum<hbn::Device>(in, 4)
-                                   : in.ConsumeBool() ? hbn::Device::CPU : hbn::Device::Auto;
-
-    std::vector<int64_t> shape(fault(in, 16) ? in.ConsumeIntegralInRange<size_t>(0, 1)
-                                             : in.ConsumeIntegralInRange<size_t>(2, 5));
-    for (int64_t &e : shape) {
-        e = fuzz_extent(in);
-    }
-    const int64_t channels =
-        shape.size() < 2 ? 1 : options.layout == hbn::Layout::NHWC ? shape.back() : shape[1];
-    std::vector<int64_t> channel_shape = {channels};
-    if (fault(in, 16)) {
-        switch (in.ConsumeIntegralInRange<int>(0, 2)) {
-        case 0: channel_shape = {channels == int64_max ? 0 : channels + 1}; break;
-        case 1: channel_shape = {}; break;
-        default: channel_shape = {1, channels}; break;
-        }
-    }
+    call.options = fuzz_options(in);
+    const hbn::BatchNormOptions &options = call.options;
+    const Shapes shapes = fuzz_shapes(in, options.layout);
 
     const DType data_dtype = in.ConsumeBool() ? DType::Float16 : DType::Float32;
     const DType param_dtype = in.ConsumeBool() ? DType::Float16 : DType::Float32;
-    std::vector<std::unique_ptr<GuardedBuffer>> memory;
-    memory.push_back(make_tensor(in, call.x, shape, data_dtype));
-    memory.push_back(make_tensor(in, call.output, fault(in, 32) ? channel_shape : shape,
+    Memories memory;
+    memory.push_back(make_tensor(in, call.x, shapes.data, data_dtype));
+    memory.push_back(make_tensor(in, call.output, fault(in, 32) ? shapes.channel : shapes.data,
                                  fault(in, 32) ? param_dtype : data_dtype));
     for (Tensor *t : {&call.running_mean, &call.running_var, &call.weight, &call.bias}) {
-        memory.push_back(make_tensor(in, *t, channel_shape, param_dtype));
+        memory.push_back(make_tensor(in, *t, shapes.channel, param_dtype));
     }
     for (Tensor *t : {&call.saved_mean, &call.saved_inv_std}) {
-        memory.push_back(make_tensor(in, *t, channel_shape, fault(in, 32) ? DType::Float16 : DType::Float32));
+        const DType dtype = fault(in, 32) ? DType::Float16 : DType::Float32;
+        memory.push_back(make_tensor(in, *t, shapes.channel, dtype));
     }
-    for (Tensor *t : {&call.running_mean, &call.running_var, &call.weight, &call.bias, &call.saved_mean,
-                      &call.saved_inv_std}) {
-        if (extent_of(*t).size == Size::Huge) {
-            t->shape = {1};  // shrunk to its memory: input_x (empty, or one to refuse) still runs
-        }
-    }
+    shrink_huge({&call.running_mean, &call.running_var, &call.weight, &call.bias, &call.saved_mean,
+                 &call.saved_inv_std});
 
     // Aliasing, valid and not (none where the input is used up): the same
-    // tensor twice, or data inside another's bytes. Pointer arithmetic on
-    // integers: data may be null.
-    const auto at = [](const Tensor &t, int64_t offset) {
-        return reinterpret_cast<void *>(reinterpret_cast<uintptr_t>(t.data) + static_cast<uintptr_t>(offset));
-    };
+    // tensor twice, or data inside another's bytes.
     switch (in.ConsumeIntegralInRange<int>(0, 29)) {
     case 1: call.running_var = call.running_mean; break;
     case 2: call.output = call.x; break;
-    case 3: call.output.data = at(call.x, -element_bytes(call.x.dtype)); break;  // one element before
-    case 4: {  // running_var inside output, at an element offset where it fits
-        const int64_t room =
-            static_cast<int64_t>(byte_size(call.output)) - static_cast<int64_t>(byte_size(call.running_var));
-        const int64_t step = element_bytes(call.running_var.dtype);
-        const int64_t offset = room > 0 ? in.ConsumeIntegralInRange<int64_t>(0, room / step) * step : 0;
-        call.running_var.data = at(call.output, offset);
-        break;
-    }
+    case 3: call.output.data = offset_data(call.x, -element_bytes(call.x.dtype)); break;  // an element before
+    case 4: call.running_var.data = data_inside(in, call.output, call.running_var); break;
     case 5: call.saved_mean = call.running_mean; break;
     case 6: call.bias = call.weight; break;
     case 7: call.saved_inv_std = call.saved_mean; break;
@@ -387,33 +537,10 @@ void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
     case 10: call.saved_mean.data = call.output.data; break;
     default: break;
     }
-
-    // The accessible bytes from a tensor's data on.
-    const auto readable = [&](const Tensor &t) {
-        size_t bytes = 0;
-        for (const auto &m : memory) {
-            bytes = std::max(bytes, m->readable_from(reinterpret_cast<uintptr_t>(t.data)));
-        }
-        return bytes;
-    };
-    // hbn may read whatever a call names, even one it refuses, so each
-    // tensor must lie in memory (null ones aside): no Huge shape (which
-    // needs real memory) and no alias that reaches past the bytes it points
-    // into. Bad shapes are never addressable, so never read.
-    for (const Tensor *t : call.tensors()) {
-        const Size size = extent_of(*t).size;
-        const bool outside = size == Size::Small && t->data != nullptr && readable(*t) < byte_size(*t);
-        if (size == Size::Huge || outside) {
-            return;
-        }
+    if (!in_memory(memory, call.tensors())) {
+        return;
     }
 
-    // The running statistics' bytes.
-    const auto snapshot = [&](const Tensor &t) {
-        const size_t bytes = extent_of(t).size == Size::Small && t.data != nullptr ? byte_size(t) : 0;
-        const auto *p = static_cast<const unsigned char *>(t.data);
-        return std::vector<unsigned char>(p, p + bytes);
-    };
     const auto mean_before = snapshot(call.running_mean), var_before = snapshot(call.running_var);
     const Size x_size = extent_of(call.x).size;
     bool bad_shape = false;
@@ -431,15 +558,11 @@ void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
                             options);
         }
     } catch (const hbn::Error &e) {
-        const bool expected_kind = e.kind() == hbn::ErrorKind::ValueError ||
-                                   (e.kind() == hbn::ErrorKind::TypeError && call.type_fault()) ||
-                                   (e.kind() == hbn::ErrorKind::RuntimeError && call.gpu_requested());
-        const bool unchanged =
-            snapshot(call.running_mean) == mean_before && snapshot(call.running_var) == var_before;
-        if (!unchanged || (bad_shape && !expected_kind)) {
-            std::fprintf(stderr, "hbn::Error (kind %d): %s\n", static_cast<int>(e.kind()), e.what());
-            finding(unchanged ? "a shape with a negative extent or beyond int64 was not a ValueError"
-                              : "a call that threw changed the running statistics");
+        if (snapshot(call.running_mean) != mean_before || snapshot(call.running_var) != var_before) {
+            finding_after(e, "a call that threw changed the running statistics");
+        }
+        if (bad_shape && !allowed_kind(e, call.type_fault(), call.gpu_requested())) {
+            finding_after(e, "a shape with a negative extent or beyond int64 was not a ValueError");
         }
         return;
     }
@@ -452,6 +575,268 @@ void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
     if (!call.training() &&
         (snapshot(call.running_mean) != mean_before || snapshot(call.running_var) != var_before)) {
         finding("inference changed the running statistics");
+    }
+}
+
+// Backward --------------------------------------------------------------------
+
+// Whether an optional tensor is given: a default Tensor{} (rank 0) is not.
+bool given(const Tensor &t) {
+    return !t.shape.empty();
+}
+
+// A backward call's tensors by role, as passed.
+struct BackwardCall {
+    hbn::BatchNormOptions options;
+    Tensor grad_output, x, weight, running_mean, running_var, saved_mean, saved_inv_std;
+    Tensor grad_input, grad_weight, grad_bias;
+
+    bool training() const { return options.training; }
+    // The pair of statistics the mode uses (the other is neither read nor
+    // checked).
+    std::vector<const Tensor *> statistics() const {
+        if (training()) {
+            return {&saved_mean, &saved_inv_std};
+        }
+        return {&running_mean, &running_var};
+    }
+    // The gradients asked for.
+    std::vector<const Tensor *> gradients() const {
+        std::vector<const Tensor *> t;
+        for (const Tensor *g : {&grad_input, &grad_weight, &grad_bias}) {
+            if (given(*g)) {
+                t.push_back(g);
+            }
+        }
+        return t;
+    }
+    std::vector<const Tensor *> like_x() const {
+        std::vector<const Tensor *> t = {&grad_output};
+        if (given(grad_input)) {
+            t.push_back(&grad_input);
+        }
+        return t;
+    }
+    std::vector<const Tensor *> channel_tensors() const {
+        std::vector<const Tensor *> t = statistics();
+        t.insert(t.begin(), &weight);
+        for (const Tensor *g : {&grad_weight, &grad_bias}) {
+            if (given(*g)) {
+                t.push_back(g);
+            }
+        }
+        return t;
+    }
+    // What the call checks: all but the unused statistics and the gradients
+    // not asked for.
+    std::vector<const Tensor *> checked() const {
+        std::vector<const Tensor *> t = like_x();
+        t.insert(t.begin(), &x);
+        const std::vector<const Tensor *> c = channel_tensors();
+        t.insert(t.end(), c.begin(), c.end());
+        return t;
+    }
+    std::vector<const Tensor *> read_only() const {
+        return {&grad_output, &x, &weight, &running_mean, &running_var, &saved_mean, &saved_inv_std};
+    }
+    std::vector<const Tensor *> tensors() const {
+        std::vector<const Tensor *> t = read_only();
+        t.insert(t.end(), {&grad_input, &grad_weight, &grad_bias});
+        return t;
+    }
+    std::vector<Range> ranges() const {
+        std::vector<Range> r;
+        for (const Tensor *t : checked()) {
+            if (given(*t)) {
+                r.push_back({t, t == &grad_input || t == &grad_weight || t == &grad_bias});
+            }
+        }
+        return r;
+    }
+    bool missing_statistic() const {
+        const std::vector<const Tensor *> s = statistics();
+        return !given(*s[0]) || !given(*s[1]);
+    }
+    bool gpu_requested() const {
+        return gpu_device(options.device) || device_memory(grad_output) || device_memory(x) ||
+               (given(grad_input) && device_memory(grad_input));
+    }
+    bool type_fault() const {
+        bool fault = !valid_dtype(grad_output.dtype) || x.dtype != grad_output.dtype ||
+                     (given(grad_input) && grad_input.dtype != x.dtype) || !valid_dtype(weight.dtype);
+        for (const Tensor *s : statistics()) {
+            fault = fault || (given(*s) && s->dtype != (training() ? DType::Float32 : weight.dtype));
+        }
+        for (const Tensor *g : {&grad_weight, &grad_bias}) {
+            fault = fault || (given(*g) && g->dtype != weight.dtype);
+        }
+        return fault;
+    }
+};
+
+// The same for a backward call: the unused statistics and the gradients not
+// asked for are not arguments to check.
+const char *invalid_argument(const BackwardCall &call) {
+    if (const char *why = invalid_options(call.options)) {
+        return why;
+    }
+    if (call.type_fault()) {
+        return "a bad or mismatched dtype accepted";
+    }
+    if (call.missing_statistic()) {
+        return "a backward without a statistic its mode uses (a default Tensor{}) accepted";
+    }
+    const hbn::Layout layout = call.options.layout;
+    if (const char *why = invalid_shapes(call.x, call.like_x(), call.channel_tensors(), layout)) {
+        return why;
+    }
+    if (const char *why = invalid_tensors(call.checked())) {
+        return why;
+    }
+    if (call.training() && too_few_values(call.x, layout)) {
+        return too_few_values(call.x, layout);
+    }
+    if (forbidden_overlap(call.ranges(), call.grad_output, call.grad_input)) {
+        return "forbidden aliasing accepted";
+    }
+    return nullptr;
+}
+
+// Leaves out (a default Tensor{}) either or both of a pair, or with `none`
+// neither.
+void leave_out(FuzzedDataProvider &in, Tensor &a, Tensor &b, bool none) {
+    const int pick = in.ConsumeIntegralInRange<int>(none ? 0 : 1, 3);
+    if (pick & 1) {
+        a = Tensor{};
+    }
+    if (pick & 2) {
+        b = Tensor{};
+    }
+}
+
+DType other_dtype(DType dtype) {
+    return dtype == DType::Float16 ? DType::Float32 : DType::Float16;
+}
+
+void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
+    BackwardCall call;
+    call.options = fuzz_options(in);
+    const hbn::BatchNormOptions &options = call.options;
+    const Shapes shapes = fuzz_shapes(in, options.layout);
+
+    const DType data_dtype = in.ConsumeBool() ? DType::Float16 : DType::Float32;
+    const DType param_dtype = in.ConsumeBool() ? DType::Float16 : DType::Float32;
+    Memories memory;
+    // Mostly the shape and dtype of their role, else a data tensor of the
+    // per-channel shape or a mismatched valid dtype (make_tensor adds bad
+    // dtypes, device memory, null and misaligned data).
+    const auto add = [&](Tensor &t, bool data, DType dtype) {
+        const bool other_shape = data && fault(in, 32);
+        const bool other_type = fault(in, 32);
+        memory.push_back(make_tensor(in, t, data && !other_shape ? shapes.data : shapes.channel,
+                                     other_type ? other_dtype(dtype) : dtype));
+    };
+    memory.push_back(make_tensor(in, call.grad_output, shapes.data, data_dtype));
+    for (Tensor *t : {&call.x, &call.grad_input}) {
+        add(*t, true, data_dtype);
+    }
+    for (Tensor *t : {&call.weight, &call.running_mean, &call.running_var, &call.grad_weight,
+                      &call.grad_bias}) {
+        add(*t, false, param_dtype);
+    }
+    for (Tensor *t : {&call.saved_mean, &call.saved_inv_std}) {
+        add(*t, false, DType::Float32);
+    }
+    shrink_huge({&call.weight, &call.running_mean, &call.running_var, &call.saved_mean, &call.saved_inv_std,
+                 &call.grad_weight, &call.grad_bias});
+
+    // Aliasing, valid and not (none where the input is used up): the same
+    // tensor twice, or data inside another's bytes. A statistic the mode
+    // does not use is not checked, so a gradient may overlap it.
+    switch (in.ConsumeIntegralInRange<int>(0, 29)) {
+    case 1: call.grad_input = call.grad_output; break;  // in place
+    case 2: call.grad_input.data = call.grad_output.data; break;
+    case 3:  // an element before
+        call.grad_input.data = offset_data(call.grad_output, -element_bytes(call.grad_output.dtype));
+        break;
+    case 4: call.grad_input = call.x; break;
+    case 5: call.x = call.grad_output; break;  // both only read
+    case 6: call.grad_bias = call.grad_weight; break;
+    case 7: call.grad_weight = call.weight; break;
+    case 8: call.grad_bias.data = data_inside(in, call.grad_input, call.grad_bias); break;
+    case 9: call.running_var = call.running_mean; break;
+    case 10: call.saved_inv_std = call.saved_mean; break;
+    case 11: call.weight = call.running_var; break;
+    case 12: call.saved_mean.data = call.grad_input.data; break;
+    case 13: call.grad_weight = call.running_mean; break;
+    case 14: call.running_mean.data = call.x.data; break;
+    case 15: call.grad_weight.data = data_inside(in, call.x, call.grad_weight); break;
+    default: break;
+    }
+    // Optional tensors left out: each gradient one time in four; the pair of
+    // statistics the mode does not use, often; rarely, of the pair it uses
+    // (a ValueError).
+    for (Tensor *g : {&call.grad_input, &call.grad_weight, &call.grad_bias}) {
+        if (fault(in, 4)) {
+            *g = Tensor{};
+        }
+    }
+    Tensor *const statistics[2][2] = {{&call.running_mean, &call.running_var},
+                                      {&call.saved_mean, &call.saved_inv_std}};
+    leave_out(in, *statistics[!options.training][0], *statistics[!options.training][1], true);
+    if (fault(in, 16)) {
+        leave_out(in, *statistics[options.training][0], *statistics[options.training][1], false);
+    }
+    if (!in_memory(memory, call.tensors())) {
+        return;
+    }
+
+    const std::vector<const Tensor *> tensors = call.tensors();  // read_only() first
+    const auto before = snapshots(tensors);
+    const Size x_size = extent_of(call.x).size;
+    bool value_fault = call.missing_statistic();
+    for (const Tensor *t : call.checked()) {
+        value_fault = value_fault || extent_of(*t).size == Size::Bad;
+    }
+    value_fault = value_fault && x_size != Size::Empty;
+
+    try {
+        hbn::batch_norm_backward(call.grad_output, call.x, call.weight, call.running_mean, call.running_var,
+                                 call.saved_mean, call.saved_inv_std, call.grad_input, call.grad_weight,
+                                 call.grad_bias, options);
+    } catch (const hbn::Error &e) {
+        if (snapshots(tensors) != before) {
+            finding_after(e, "a backward that threw changed an argument's bytes (the gradients among them)");
+        }
+        if (value_fault && !allowed_kind(e, call.type_fault(), call.gpu_requested())) {
+            finding_after(e, "a backward shape with a negative extent or beyond int64, or without a "
+                             "statistic its mode uses, was not a ValueError");
+        }
+        return;
+    }
+    if (x_size == Size::Empty) {
+        for (const Tensor *g : {&call.grad_weight, &call.grad_bias}) {
+            const std::vector<unsigned char> bytes = given(*g) ? snapshot(*g) : std::vector<unsigned char>{};
+            if (std::any_of(bytes.begin(), bytes.end(), [](unsigned char b) { return b != 0; })) {
+                finding("an empty backward returned grad_weight or grad_bias not all zero");
+            }
+        }
+        return;
+    }
+    if (const char *why = invalid_argument(call)) {
+        finding(why);
+    }
+    // What it only reads is unchanged: grad_output unless grad_input is it
+    // (in place), and an unused statistic unless a gradient overlaps it.
+    const std::vector<const Tensor *> written = call.gradients();
+    for (size_t i = 0; i < call.read_only().size(); i++) {
+        const Tensor &t = *tensors[i];
+        const bool overwritten =
+            std::any_of(written.begin(), written.end(), [&](const Tensor *g) { return overlap(*g, t); });
+        if (!overwritten && snapshot(t) != before[i]) {
+            finding("a backward that returned changed a tensor it only reads (input_x, grad_output, weight, "
+                    "statistics)");
+        }
     }
 }
 
@@ -469,7 +854,7 @@ extern "C" int LLVMFuzzerInitialize(int *, char ***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     FuzzedDataProvider in(data, size);
     try {
-        switch (in.ConsumeIntegralInRange<int>(0, 9)) {
+        switch (in.ConsumeIntegralInRange<int>(0, 12)) {
         case 0: hbn::backend_status(fuzz_enum<hbn::Device>(in, 4)); break;
         case 1: hbn::auto_device(); break;
         case 2:
@@ -481,6 +866,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         case 4: hbn::cuda_context(); break;
         case 5:
         case 6: fuzz_batch_norm(in, true); break;
+        case 10:
+        case 11:
+        case 12: fuzz_batch_norm_backward(in); break;
         default: fuzz_batch_norm(in, false); break;
         }
     } catch (const hbn::Error &e) {
