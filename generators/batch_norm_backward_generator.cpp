@@ -57,30 +57,32 @@ public:
 
         // grad_input = scale * ((dy - mean_dy) - (x - mean) * inv_std * slope)
         // per channel, with scale = weight * inv_std and slope = grad_weight / M,
-        // each in double and as float32. mean_dy is split into a float32 sum
-        // hi + lo: with a large common offset in dy, dy - hi is exact, where
-        // dy - mean_dy in float32 would lose the offset's last bits.
+        // each in double and as float32. dy - mean_dy is formed in double even
+        // on the float32 path: with a large common offset in dy, a float32
+        // mean_dy would lose the offset's last bits (dy = 1e3 + N(0, 1): 3e-5
+        // in grad_input values of ~3). A float32 pair hi + lo does not
+        // survive compilation: Halide's simplifier, and LLVM under the fast-math
+        // flags Halide 14 sets, turn (dy - hi) - lo into dy - (hi + lo).
         const Expr count = cast<double>(values_per_channel(input, layout));
         const Expr scale = cast<double>(weight(c)) * inv_std(c);
-        const Expr mean_dy = sums(c)[0] / count;
         const Expr slope = sums(c)[1] * inv_std(c) / count;
-        const Expr mean_dy_hi = cast<float>(mean_dy);
         // inv_std reaches the elementwise pass through `terms` too, not from
         // its input: Halide 14's Mullapudi2016 fails an internal assertion
         // on the latter.
         Func terms{"terms"};
-        terms(c) = Tuple(scale, mean_dy, slope, inv_std(c), cast<float>(scale), mean_dy_hi,
-                         cast<float>(mean_dy - mean_dy_hi), cast<float>(slope), cast<float>(inv_std(c)));
-        const ChannelTerm scale_term{terms(c)[4], terms(c)[0]}, slope_term{terms(c)[7], terms(c)[2]},
-            inv_std_term{terms(c)[8], terms(c)[3]};
+        terms(c) = Tuple(scale, sums(c)[0] / count, slope, inv_std(c), cast<float>(scale), cast<float>(slope),
+                         cast<float>(inv_std(c)));
+        const ChannelTerm scale_term{terms(c)[4], terms(c)[0]}, slope_term{terms(c)[5], terms(c)[2]},
+            inv_std_term{terms(c)[6], terms(c)[3]};
+        const Expr mean_dy = terms(c)[1];
         const Expr dy = load_float(grad_output(v.args)), x = load_float(input(v.args));
         const Expr dx_f64 =
             select(training,
-                   scale_term.f64 * ((cast<double>(dy) - terms(c)[1]) -
+                   scale_term.f64 * ((cast<double>(dy) - mean_dy) -
                                      (cast<double>(x) - mean(c)) * inv_std_term.f64 * slope_term.f64),
                    scale_term.f64 * dy);
         const Expr dx_f32 = select(training,
-                                   scale_term.f32 * (((dy - terms(c)[5]) - terms(c)[6]) -
+                                   scale_term.f32 * (cast<float>(cast<double>(dy) - mean_dy) -
                                                      (x - mean(c)) * inv_std_term.f32 * slope_term.f32),
                                    scale_term.f32 * dy);
         output(v.args) = to_storage(select(in_double, cast<float>(dx_f64), dx_f32));

@@ -40,25 +40,25 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
         .reorder({cii, ci, c})
         .parallel(c);
     grad_weight
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
-        .unroll(ci)
-        .vectorize(cii)
+        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+        .vectorize(ci)
         .compute_root()
-        .reorder({cii, ci, c})
+        .reorder({ci, c})
         .parallel(c);
     output
         .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(mi, mi, mii, 6272, TailStrategy::GuardWithIf)
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .compute_root()
         .reorder({ci, mii, c, mi, m})
         .parallel(m);
     terms
+        .store_in(MemoryType::Stack)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .compute_at(output, m)
+        .compute_at(output, mi)
+        .store_at(output, m)
         .reorder({ci, c});
     sums
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)

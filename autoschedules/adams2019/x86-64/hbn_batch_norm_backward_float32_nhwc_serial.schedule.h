@@ -26,8 +26,8 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float32_nhwc
     Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
     Var c(grad_bias.get_schedule().dims()[0].var);
     Var ci("ci");
-    Var cii("cii");
     Var m(output.get_schedule().dims()[1].var);
+    Var mi("mi");
     RVar r11_x(sums.update(0).get_schedule().dims()[0].var);
     grad_bias
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
@@ -40,19 +40,17 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float32_nhwc
         .compute_root()
         .reorder({ci, c});
     output
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
-        .unroll(ci)
-        .vectorize(cii)
+        .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
+        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+        .vectorize(ci)
         .compute_root()
-        .reorder({cii, ci, m, c});
+        .reorder({ci, c, mi, m});
     terms
         .store_in(MemoryType::Stack)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .unroll(c)
         .vectorize(ci)
-        .compute_at(output, m)
-        .store_at(output, c)
+        .compute_at(output, mi)
+        .store_at(output, m)
         .reorder({ci, c});
     sums
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
