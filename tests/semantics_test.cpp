@@ -46,8 +46,6 @@ TEST(Semantics, DocumentedTrainingExample) {
 
 // Every rank, layout, input dtype, parameter dtype and mode against the
 // reference. Sizes avoid multiples of the vector widths on purpose.
-using MatrixParam = std::tuple<std::vector<int64_t>, Layout, DType, DType, bool>;
-
 class ReferenceMatrix : public ::testing::TestWithParam<MatrixParam> {};
 
 TEST_P(ReferenceMatrix, MatchesDoubleReference) {
@@ -62,23 +60,7 @@ TEST_P(ReferenceMatrix, MatchesDoubleReference) {
                  "running_var");
 }
 
-std::string matrix_name(const ::testing::TestParamInfo<MatrixParam> &info) {
-    const auto &[shape, layout, x_dtype, param_dtype, training] = info.param;
-    return shape_name(shape) + (layout == Layout::NCHW ? "_nchw" : "_nhwc") +
-           (x_dtype == DType::Float32 ? "_x32" : "_x16") + (param_dtype == DType::Float32 ? "_p32" : "_p16") +
-           (training ? "_training" : "_inference");
-}
-
-INSTANTIATE_TEST_SUITE_P(
-    Semantics, ReferenceMatrix,
-    ::testing::Combine(::testing::Values(std::vector<int64_t>{2, 2}, std::vector<int64_t>{5, 19},
-                                         std::vector<int64_t>{3, 5, 17}, std::vector<int64_t>{2, 3, 7, 9},
-                                         std::vector<int64_t>{2, 37, 6, 5}, std::vector<int64_t>{4, 33, 21, 23},
-                                         std::vector<int64_t>{2, 3, 3, 4, 5}, std::vector<int64_t>{1, 6, 9, 11}),
-                       ::testing::Values(Layout::NCHW, Layout::NHWC),
-                       ::testing::Values(DType::Float32, DType::Float16),
-                       ::testing::Values(DType::Float32, DType::Float16), ::testing::Bool()),
-    matrix_name);
+INSTANTIATE_TEST_SUITE_P(Semantics, ReferenceMatrix, matrix_params(), matrix_name);
 
 TEST(Semantics, TrainingEntryPointReturnsMeanAndInverseStd) {
     for (Layout layout : {Layout::NCHW, Layout::NHWC}) {

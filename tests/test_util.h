@@ -13,6 +13,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace hbn_test {
@@ -219,6 +220,29 @@ struct BackwardCase {
 // inf, as it must in hbn's output).
 inline std::vector<double> rounded(hbn::DType dtype, const std::vector<double> &values) {
     return HostTensor(dtype, {static_cast<int64_t>(values.size())}, values).values();
+}
+
+// The reference matrices (forward and backward): every rank, layout, input
+// dtype, parameter dtype and mode. Sizes avoid multiples of the vector widths
+// on purpose.
+using MatrixParam = std::tuple<std::vector<int64_t>, hbn::Layout, hbn::DType, hbn::DType, bool>;
+
+inline auto matrix_params() {
+    using hbn::DType;
+    return ::testing::Combine(
+        ::testing::Values(std::vector<int64_t>{2, 2}, std::vector<int64_t>{5, 19}, std::vector<int64_t>{3, 5, 17},
+                          std::vector<int64_t>{2, 3, 7, 9}, std::vector<int64_t>{2, 37, 6, 5},
+                          std::vector<int64_t>{4, 33, 21, 23}, std::vector<int64_t>{2, 3, 3, 4, 5},
+                          std::vector<int64_t>{1, 6, 9, 11}),
+        ::testing::Values(hbn::Layout::NCHW, hbn::Layout::NHWC), ::testing::Values(DType::Float32, DType::Float16),
+        ::testing::Values(DType::Float32, DType::Float16), ::testing::Bool());
+}
+
+inline std::string matrix_name(const ::testing::TestParamInfo<MatrixParam> &info) {
+    const auto &[shape, layout, x_dtype, param_dtype, training] = info.param;
+    return shape_name(shape) + (layout == hbn::Layout::NCHW ? "_nchw" : "_nhwc") +
+           (x_dtype == hbn::DType::Float32 ? "_x32" : "_x16") +
+           (param_dtype == hbn::DType::Float32 ? "_p32" : "_p16") + (training ? "_training" : "_inference");
 }
 
 // Skips a test about the CPU kernels when the suite runs on a GPU backend
