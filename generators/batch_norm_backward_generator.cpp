@@ -57,12 +57,15 @@ public:
 
         // grad_input = scale * ((dy - mean_dy) - (x - mean) * inv_std * slope)
         // per channel, with scale = weight * inv_std and slope = grad_weight / M,
-        // each in double and as float32. dy - mean_dy is formed in double even
-        // on the float32 path: with a large common offset in dy, a float32
-        // mean_dy would lose the offset's last bits (dy = 1e3 + N(0, 1): 3e-5
-        // in grad_input values of ~3). A float32 pair hi + lo does not
-        // survive compilation: Halide's simplifier, and LLVM under the fast-math
-        // flags Halide 14 sets, turn (dy - hi) - lo into dy - (hi + lo).
+        // each in double and as float32. For float32 data, dy - mean_dy is
+        // formed in double even on the float32 path: with a large common
+        // offset in dy, a float32 mean_dy would lose the offset's last bits
+        // (dy = 1e3 + N(0, 1): 3e-5 in grad_input values of ~3). A float32
+        // pair hi + lo does not survive compilation: Halide's simplifier, and
+        // LLVM under the fast-math flags Halide 14 sets, turn (dy - hi) - lo
+        // into dy - (hi + lo). float16 data keeps it in float32: its output's
+        // rounding (2^-11) dwarfs that error, and the conversions would cost
+        // the compute-bound float16 pass.
         const Expr count = cast<double>(values_per_channel(input, layout));
         const Expr scale = cast<double>(weight(c)) * inv_std(c);
         const Expr slope = sums(c)[1] * inv_std(c) / count;
@@ -70,19 +73,21 @@ public:
         // its input: Halide 14's Mullapudi2016 fails an internal assertion
         // on the latter.
         Func terms{"terms"};
-        terms(c) = Tuple(scale, sums(c)[0] / count, slope, inv_std(c), cast<float>(scale), cast<float>(slope),
-                         cast<float>(inv_std(c)));
-        const ChannelTerm scale_term{terms(c)[4], terms(c)[0]}, slope_term{terms(c)[5], terms(c)[2]},
-            inv_std_term{terms(c)[6], terms(c)[3]};
-        const Expr mean_dy = terms(c)[1];
+        const Expr mean_dy_f64 = sums(c)[0] / count;
+        terms(c) = Tuple(scale, mean_dy_f64, slope, inv_std(c), cast<float>(scale), cast<float>(mean_dy_f64),
+                         cast<float>(slope), cast<float>(inv_std(c)));
+        const ChannelTerm scale_term{terms(c)[4], terms(c)[0]}, mean_dy{terms(c)[5], terms(c)[1]},
+            slope_term{terms(c)[6], terms(c)[2]}, inv_std_term{terms(c)[7], terms(c)[3]};
         const Expr dy = load_float(grad_output(v.args)), x = load_float(input(v.args));
         const Expr dx_f64 =
             select(training,
-                   scale_term.f64 * ((cast<double>(dy) - mean_dy) -
+                   scale_term.f64 * ((cast<double>(dy) - mean_dy.f64) -
                                      (cast<double>(x) - mean(c)) * inv_std_term.f64 * slope_term.f64),
                    scale_term.f64 * dy);
+        const Expr centered_dy =
+            is_float16() ? dy - mean_dy.f32 : cast<float>(cast<double>(dy) - mean_dy.f64);
         const Expr dx_f32 = select(training,
-                                   scale_term.f32 * (cast<float>(cast<double>(dy) - mean_dy) -
+                                   scale_term.f32 * (centered_dy -
                                                      (x - mean(c)) * inv_std_term.f32 * slope_term.f32),
                                    scale_term.f32 * dy);
         output(v.args) = to_storage(select(in_double, cast<float>(dx_f64), dx_f32));

@@ -49,7 +49,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nchw
         .reorder({cii, ci, c})
         .parallel(c);
     output
-        .split(c, c, ci, 8, TailStrategy::GuardWithIf)
+        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .split(ci, ci, cii, 2, TailStrategy::GuardWithIf)
         .split(inner, inner, inneri, 32, TailStrategy::GuardWithIf)
         .unroll(cii)

@@ -32,18 +32,18 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     Var mii("mii");
     RVar r11_x(sums.update(0).get_schedule().dims()[0].var);
     grad_bias
+        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+        .vectorize(ci)
+        .compute_root()
+        .reorder({ci, c})
+        .parallel(c);
+    grad_weight
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
         .unroll(ci)
         .vectorize(cii)
         .compute_root()
         .reorder({cii, ci, c})
-        .parallel(c);
-    grad_weight
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .compute_root()
-        .reorder({ci, c})
         .parallel(c);
     output
         .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
