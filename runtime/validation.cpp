@@ -354,7 +354,11 @@ DataView validate_backward(const BackwardArguments &args, const BatchNormOptions
         check_same_dtype(mean, mean_name, args.weight, "weight");
         check_same_dtype(spread, spread_name, args.weight, "weight");
     }
-    for (const auto &[gradient, name] : {std::pair{&args.grad_weight, "grad_weight"}, {&args.grad_bias, "grad_bias"}}) {
+    const std::array<std::pair<const Tensor *, const char *>, 2> channel_gradients = {{
+        {&args.grad_weight, "grad_weight"},
+        {&args.grad_bias, "grad_bias"},
+    }};
+    for (const auto &[gradient, name] : channel_gradients) {
         if (given(*gradient)) {
             check_same_dtype(*gradient, name, args.weight, "weight");
         }
@@ -380,7 +384,7 @@ DataView validate_backward(const BackwardArguments &args, const BatchNormOptions
     if (given(args.grad_input)) {
         roles.add(Role(args.grad_input, data_count, "grad_input", true));
     }
-    for (const auto &[gradient, name] : {std::pair{&args.grad_weight, "grad_weight"}, {&args.grad_bias, "grad_bias"}}) {
+    for (const auto &[gradient, name] : channel_gradients) {
         if (given(*gradient)) {
             check_channel_vector(*gradient, name, channels);
             roles.add(Role(*gradient, channels, name, true));

@@ -490,8 +490,8 @@ const char *invalid_argument(const Call &call) {
     if (const char *why = invalid_tensors(call.tensors())) {
         return why;
     }
-    if (call.training() && too_few_values(call.x, layout)) {
-        return too_few_values(call.x, layout);
+    if (const char *why = call.training() ? too_few_values(call.x, layout) : nullptr) {
+        return why;
     }
     if (forbidden_overlap(call.ranges(), call.x, call.output)) {
         return "forbidden aliasing accepted";
@@ -693,8 +693,8 @@ const char *invalid_argument(const BackwardCall &call) {
     if (const char *why = invalid_tensors(call.checked())) {
         return why;
     }
-    if (call.training() && too_few_values(call.x, layout)) {
-        return too_few_values(call.x, layout);
+    if (const char *why = call.training() ? too_few_values(call.x, layout) : nullptr) {
+        return why;
     }
     if (forbidden_overlap(call.ranges(), call.grad_output, call.grad_input)) {
         return "forbidden aliasing accepted";
