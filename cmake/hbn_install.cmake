@@ -7,6 +7,12 @@ install(DIRECTORY runtime/include/hbn DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 
 set(hbn_cmake_dir ${CMAKE_INSTALL_LIBDIR}/cmake/hbn)
 install(EXPORT hbnTargets NAMESPACE hbn:: DESTINATION ${hbn_cmake_dir})
+# The mpi component in a file of its own, which hbnConfig.cmake includes
+# only when asked for it: a consumer of hbn::hbn alone needs no MPI.
+if (TARGET hbn_mpi)
+    install(TARGETS hbn_mpi EXPORT hbnMpiTargets ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
+    install(EXPORT hbnMpiTargets NAMESPACE hbn:: DESTINATION ${hbn_cmake_dir})
+endif ()
 configure_package_config_file(cmake/hbnConfig.cmake.in
                               ${CMAKE_CURRENT_BINARY_DIR}/hbnConfig.cmake
                               INSTALL_DESTINATION ${hbn_cmake_dir})

@@ -16,8 +16,10 @@ public:
     Input<Buffer<float, 1>> bias{"bias"};
     Input<double> eps{"eps"};
     Input<bool> scale_in_double{"scale_in_double"};  // see normalized()
-    Output<Buffer<float, 1>> batch_mean{"batch_mean"};
-    Output<Buffer<float, 1>> batch_var{"batch_var"};  // biased
+    // In double: the runtime merges the statistics of slices and processes
+    // (Chan's update), which float32 means would spoil at large offsets.
+    Output<Buffer<double, 1>> batch_mean{"batch_mean"};
+    Output<Buffer<double, 1>> batch_var{"batch_var"};  // biased
     Output<Buffer<float, 1>> batch_inv_std{"batch_inv_std"};
 
     void generate() {
@@ -59,8 +61,8 @@ public:
         Func statistics{"statistics"};  // mean, biased variance, 1 / std in double; mean as float32
         const Expr mean = shift(c) + mean_offset;
         statistics(c) = Tuple(mean, var, 1 / sqrt(var + eps), cast<float>(mean));
-        batch_mean(c) = statistics(c)[3];
-        batch_var(c) = cast<float>(statistics(c)[1]);
+        batch_mean(c) = statistics(c)[0];
+        batch_var(c) = statistics(c)[1];
         batch_inv_std(c) = cast<float>(statistics(c)[2]);
 
         Func scale{"scale"};  // in double, and as float32
@@ -75,9 +77,9 @@ public:
         for (auto *param : {&weight, &bias}) {
             param->set_estimates({{0, estimated_channels}});
         }
-        for (auto *stat : {&batch_mean, &batch_var, &batch_inv_std}) {
-            stat->set_estimates({{0, estimated_channels}});
-        }
+        batch_mean.set_estimates({{0, estimated_channels}});
+        batch_var.set_estimates({{0, estimated_channels}});
+        batch_inv_std.set_estimates({{0, estimated_channels}});
         eps.set_estimate(1e-5);
         scale_in_double.set_estimate(false);
 

@@ -1,20 +1,22 @@
 // The forward entry points: validate, pick the kernels, run them over views
 // of the caller's memory, and commit the running-statistics update only after
-// the pipeline succeeded.
+// the pipeline succeeded. A tensor that fits one kernel call, trained on one
+// process, runs the fused training kernel; a synchronized batch norm, and a
+// tensor too large for one call, gather statistics part by part, merge them
+// (partition.h, collective.h), then normalize.
 #include "hbn/batch_norm.h"
 
 #include "backend.h"
 #include "buffers.h"
-#include "float16.h"
+#include "collective.h"
 #include "gpu_call.h"
 #include "halide_call.h"
 #include "kernels.h"
+#include "partition.h"
 #include "streamed_output.h"
 #include "validation.h"
 
-#include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace hbn {
@@ -22,94 +24,195 @@ namespace {
 
 using namespace internal;
 
-void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
-         const Tensor &weight, const Tensor &bias, const Tensor &output,
-         const Tensor *saved_mean, const Tensor *saved_inv_std,
-         const BatchNormOptions &options, bool training) {
-    const DataView view = validate_forward(
-        {x, running_mean, running_var, weight, bias, output, saved_mean, saved_inv_std}, options, training);
-    const Device device = backend_for_call(options.device, x.memory);
-    if (view.empty()) {
-        return;  // nothing to normalize, nothing to learn
-    }
-    const int64_t channels = view.channels;
-    install_error_handler();
+// Whether some channel's weight / sqrt(var + eps) may leave float's range,
+// so that the kernels normalize in double (see generators/batch_norm_common.h).
+// NaN weights take the double path too.
+bool scale_in_double(const ChannelFloats &weight, double eps) {
+    return !fits_float(weight.largest_magnitude() / std::sqrt(eps));
+}
 
-    HalideBuffer input_buffer(x, view);
-    HalideBuffer output_buffer(output, view);
-    ChannelFloats weight_f32(weight, channels), bias_f32(bias, channels);
-    const double eps = options.eps;
-    // Whether some channel's weight / sqrt(var + eps) may leave float's
-    // range, so that the kernels normalize in double (see
-    // generators/batch_norm_common.h). NaN weights take the double path too.
-    const bool scale_in_double = !fits_float(weight_f32.largest_magnitude() / std::sqrt(eps));
-    const Kernels kernels = kernels_for(device, x.dtype, view);
-
-    if (!training) {
-        ChannelFloats mean_f32(running_mean, channels), var_f32(running_var, channels);
+// Normalizes each slice of x into output with per-channel float32 `mean` and
+// `var` (over every channel): the inference kernel, streamed where the
+// slice's output is large.
+void normalize(Device device, const Tensor &x, const Tensor &output, const std::vector<Slice> &slices,
+               const float *mean, const float *var, const ChannelFloats &weight, const ChannelFloats &bias,
+               double eps, const char *what) {
+    const bool in_double = scale_in_double(weight, eps);
+    for (const Slice &slice : slices) {
+        HalideBuffer input_buffer(x, slice), output_buffer(output, slice);
+        HalideBuffer mean_buffer(mean, slice), var_buffer(var, slice), weight_buffer(weight.data(), slice),
+            bias_buffer(bias.data(), slice);
+        const Kernels kernels = kernels_for(device, x.dtype, slice);
         call_pipeline(
             device,
-            {{input_buffer.get(), &x}, {mean_f32.buffer()}, {var_f32.buffer()}, {weight_f32.buffer()},
-             {bias_f32.buffer()}},
+            {{input_buffer.get(), &x}, {mean_buffer.get()}, {var_buffer.get()}, {weight_buffer.get()},
+             {bias_buffer.get()}},
             {{output_buffer.get(), &output}},
             [&](void *context) {
                 if (kernels.streamed_chunk) {
-                    return run_streamed_inference(context, kernels.streamed_chunk,
-                                                  input_buffer.get(), mean_f32.buffer(),
-                                                  var_f32.buffer(), weight_f32.buffer(),
-                                                  bias_f32.buffer(), eps, scale_in_double, output_buffer.get());
+                    return run_streamed_inference(context, kernels.streamed_chunk, input_buffer.get(),
+                                                  mean_buffer.get(), var_buffer.get(), weight_buffer.get(),
+                                                  bias_buffer.get(), eps, in_double, output_buffer.get());
                 }
-                return kernels.inference(context, input_buffer.get(), mean_f32.buffer(),
-                                         var_f32.buffer(), weight_f32.buffer(), bias_f32.buffer(),
-                                         eps, scale_in_double, output_buffer.get());
+                return kernels.inference(context, input_buffer.get(), mean_buffer.get(), var_buffer.get(),
+                                         weight_buffer.get(), bias_buffer.get(), eps, in_double,
+                                         output_buffer.get());
             },
-            "hbn::batch_norm: inference pipeline");
-        return;
+            what);
     }
+}
 
-    // Batch statistics land in scratch (or the caller's saved_* tensors) and
-    // reach the running statistics only once the pipeline has succeeded.
-    std::vector<float> scratch(static_cast<size_t>(channels) * 3);
-    float *mean = saved_mean ? static_cast<float *>(saved_mean->data) : scratch.data();
-    float *inv_std = saved_inv_std ? static_cast<float *>(saved_inv_std->data) : scratch.data() + channels;
-    float *var = scratch.data() + 2 * channels;
-    HalideBuffer mean_buffer(mean, channels), var_buffer(var, channels),
-        inv_std_buffer(inv_std, channels);
+// A training step's batch statistics in double, and M, ready to commit.
+struct BatchStatistics {
+    std::vector<double> mean, var;  // biased
+    double count = 0;
+};
+
+// Writes saved_mean and saved_inv_std (when given) and the running-statistics
+// update; called only once every kernel of the call has succeeded.
+void commit(const ForwardArguments &args, const BatchNormOptions &options, const BatchStatistics &batch) {
+    const auto channels = static_cast<int64_t>(batch.mean.size());
+    const ChannelFloats old_mean(args.running_mean, channels), old_var(args.running_var, channels);
+    const double momentum = options.momentum, unbias = batch.count / (batch.count - 1);
+    for (int64_t c = 0; c < channels; c++) {
+        if (args.saved_mean != nullptr) {
+            store_channel(*args.saved_mean, c, batch.mean[c]);
+            store_channel(*args.saved_inv_std, c, 1 / std::sqrt(batch.var[c] + options.eps));
+        }
+        store_channel(args.running_mean, c, (1 - momentum) * old_mean[c] + momentum * batch.mean[c]);
+        store_channel(args.running_var, c, (1 - momentum) * old_var[c] + momentum * batch.var[c] * unbias);
+    }
+}
+
+void infer(const ForwardArguments &args, const BatchNormOptions &options) {
+    const DataView view = validate_forward(args, options, false);
+    const Device device = backend_for_call(options.device, args.input_x.memory);
+    if (view.empty()) {
+        return;  // nothing to normalize
+    }
+    install_error_handler();
+    const int64_t channels = view.channels;
+    const ChannelFloats mean(args.running_mean, channels), var(args.running_var, channels),
+        weight(args.weight, channels), bias(args.bias, channels);
+    normalize(device, args.input_x, args.output, slices_of(view), mean.data(), var.data(), weight, bias,
+              options.eps, "hbn::batch_norm: inference pipeline");
+}
+
+// One fused kernel: statistics, then normalization from cache.
+void train_in_one_call(const ForwardArguments &args, const BatchNormOptions &options, const DataView &view,
+                       Device device) {
+    install_error_handler();
+    const Tensor &x = args.input_x, &output = args.output;
+    const int64_t channels = view.channels;
+    const Slice slice = slices_of(view).front();
+    const ChannelFloats weight(args.weight, channels), bias(args.bias, channels);
+    const double eps = options.eps;
+    const bool in_double = scale_in_double(weight, eps);
+    BatchStatistics batch{std::vector<double>(channels), std::vector<double>(channels),
+                          static_cast<double>(view.values_per_channel())};
+    std::vector<float> inv_std(channels);
+    HalideBuffer input_buffer(x, slice), output_buffer(output, slice), weight_buffer(weight.data(), channels),
+        bias_buffer(bias.data(), channels), mean_buffer(batch.mean.data(), channels),
+        var_buffer(batch.var.data(), channels), inv_std_buffer(inv_std.data(), channels);
+    const Kernels kernels = kernels_for(device, x.dtype, slice);
+    // A large output is streamed: the training kernel computes only the
+    // statistics, and the streamed inference pass normalizes with them.
+    std::vector<float> mean_f32, var_f32;
     call_pipeline(
-        device, {{input_buffer.get(), &x}, {weight_f32.buffer()}, {bias_f32.buffer()}},
+        device, {{input_buffer.get(), &x}, {weight_buffer.get()}, {bias_buffer.get()}},
         {{output_buffer.get(), &output}, {mean_buffer.get()}, {var_buffer.get()}, {inv_std_buffer.get()}},
         [&](void *context) {
             if (!kernels.streamed_chunk) {
-                return kernels.training(context, input_buffer.get(), weight_f32.buffer(),
-                                        bias_f32.buffer(), eps, scale_in_double, output_buffer.get(),
-                                        mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
+                return kernels.training(context, input_buffer.get(), weight_buffer.get(), bias_buffer.get(), eps,
+                                        in_double, output_buffer.get(), mean_buffer.get(), var_buffer.get(),
+                                        inv_std_buffer.get());
             }
-            // A large output is streamed: the training kernel computes only
-            // the statistics (asked for no rows of output, it still reduces
-            // all of input_x), and the streamed inference pass normalizes
-            // with them.
-            HalideBuffer no_rows = output_buffer;
-            no_rows.dims[no_rows.buffer.dimensions - 1].extent = 0;
-            const int status = kernels.training(context, input_buffer.get(), weight_f32.buffer(),
-                                                bias_f32.buffer(), eps, scale_in_double, no_rows.get(),
-                                                mean_buffer.get(), var_buffer.get(),
-                                                inv_std_buffer.get());
-            return status != 0 ? status
-                               : run_streamed_inference(context, kernels.streamed_chunk,
-                                                        input_buffer.get(), mean_buffer.get(),
-                                                        var_buffer.get(), weight_f32.buffer(),
-                                                        bias_f32.buffer(), eps, scale_in_double, output_buffer.get());
+            UnwantedOutput no_output(device, x.dtype, slice);
+            const int status = kernels.training(context, input_buffer.get(), weight_buffer.get(),
+                                                bias_buffer.get(), eps, in_double, no_output.get(),
+                                                mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
+            if (status != 0) {
+                return status;
+            }
+            mean_f32.assign(batch.mean.begin(), batch.mean.end());
+            var_f32.assign(batch.var.begin(), batch.var.end());
+            HalideBuffer mean_f32_buffer(mean_f32.data(), channels), var_f32_buffer(var_f32.data(), channels);
+            return run_streamed_inference(context, kernels.streamed_chunk, input_buffer.get(), mean_f32_buffer.get(),
+                                          var_f32_buffer.get(), weight_buffer.get(), bias_buffer.get(), eps,
+                                          in_double, output_buffer.get());
         },
         "hbn::batch_norm: training pipeline");
+    commit(args, options, batch);
+}
 
-    const ChannelFloats old_mean(running_mean, channels), old_var(running_var, channels);
-    const double momentum = options.momentum;
-    const auto count = static_cast<double>(view.values_per_channel());
-    const double unbias = count / (count - 1);
-    for (int64_t c = 0; c < channels; c++) {
-        store_channel(running_mean, c, (1 - momentum) * old_mean[c] + momentum * mean[c]);
-        store_channel(running_var, c, (1 - momentum) * old_var[c] + momentum * var[c] * unbias);
+// Statistics slice by slice, merged across slices and processes; then every
+// slice normalized with them.
+void train_in_parts(const ForwardArguments &args, const BatchNormOptions &options) {
+    const Tensor &x = args.input_x;
+    Collective collective(options.all_reduce);
+    DataView view;
+    Device device = Device::CPU;
+    std::vector<Slice> slices;
+    PartialStatistics partial;
+    std::exception_ptr failure = Collective::attempt([&] {
+        view = validate_forward(args, options, true);
+        device = backend_for_call(options.device, x.memory);
+        partial = PartialStatistics(view.channels, view.values_per_channel());
+        if (view.empty()) {
+            return;  // this process holds none of the batch
+        }
+        install_error_handler();
+        slices = slices_of(view);
+        const ChannelFloats weight(args.weight, view.channels), bias(args.bias, view.channels);
+        for (const Slice &slice : slices) {
+            SliceStatistics part(slice);
+            std::vector<float> inv_std(slice.channels);
+            HalideBuffer input_buffer(x, slice), weight_buffer(weight.data(), slice), bias_buffer(bias.data(), slice),
+                mean_buffer(part.mean.data(), slice.channels), var_buffer(part.var.data(), slice.channels),
+                inv_std_buffer(inv_std.data(), slice.channels);
+            UnwantedOutput no_output(device, x.dtype, slice);
+            const Kernels kernels = kernels_for(device, x.dtype, slice);
+            call_pipeline(
+                device, {{input_buffer.get(), &x}, {weight_buffer.get()}, {bias_buffer.get()}},
+                {{no_output.get()}, {mean_buffer.get()}, {var_buffer.get()}, {inv_std_buffer.get()}},
+                [&](void *context) {
+                    return kernels.training(context, input_buffer.get(), weight_buffer.get(), bias_buffer.get(),
+                                            options.eps, false, no_output.get(), mean_buffer.get(),
+                                            var_buffer.get(), inv_std_buffer.get());
+                },
+                "hbn::batch_norm: training statistics");
+            partial.add(part);
+        }
+    });
+    collective.agree_on_start(failure, view.channels);
+
+    // From here every process runs the same all-reduces.
+    BatchStatistics batch;
+    partial.merge(collective, batch.mean, batch.var, batch.count);
+
+    failure = Collective::attempt([&] {
+        if (view.empty()) {
+            return;
+        }
+        const std::vector<float> mean(batch.mean.begin(), batch.mean.end()), var(batch.var.begin(), batch.var.end());
+        const ChannelFloats weight(args.weight, view.channels), bias(args.bias, view.channels);
+        normalize(device, x, args.output, slices, mean.data(), var.data(), weight, bias, options.eps,
+                  "hbn::batch_norm: training pipeline");
+    });
+    collective.agree_on_finish(failure);
+    commit(args, options, batch);
+}
+
+void train(const ForwardArguments &args, const BatchNormOptions &options) {
+    if (!options.all_reduce) {
+        const DataView view = validate_forward(args, options, true);
+        const Device device = backend_for_call(options.device, args.input_x.memory);
+        if (!needs_slices(view)) {
+            train_in_one_call(args, options, view, device);
+            return;
+        }
     }
+    train_in_parts(args, options);
 }
 
 }  // namespace
@@ -117,16 +220,15 @@ void run(const Tensor &x, const Tensor &running_mean, const Tensor &running_var,
 void batch_norm(const Tensor &input_x, const Tensor &running_mean, const Tensor &running_var,
                 const Tensor &weight, const Tensor &bias, const Tensor &output,
                 const BatchNormOptions &options) {
-    run(input_x, running_mean, running_var, weight, bias, output, nullptr, nullptr, options,
-        options.training);
+    const ForwardArguments args{input_x, running_mean, running_var, weight, bias, output};
+    options.training ? train(args, options) : infer(args, options);
 }
 
 void batch_norm_training(const Tensor &input_x, const Tensor &running_mean,
                          const Tensor &running_var, const Tensor &weight, const Tensor &bias,
                          const Tensor &output, const Tensor &saved_mean,
                          const Tensor &saved_inv_std, const BatchNormOptions &options) {
-    run(input_x, running_mean, running_var, weight, bias, output, &saved_mean, &saved_inv_std,
-        options, true);
+    train({input_x, running_mean, running_var, weight, bias, output, &saved_mean, &saved_inv_std}, options);
 }
 
 }  // namespace hbn

@@ -5,13 +5,14 @@
 #include "HalideRuntime.h"
 #include "float16.h"
 #include "hbn/batch_norm.h"
-#include "validation.h"
+#include "partition.h"
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace hbn::internal {
@@ -28,34 +29,28 @@ struct HalideBuffer {
     halide_buffer_t buffer{};
     std::array<halide_dimension_t, 3> dims{};
 
-    // A data tensor; device memory is attached by GpuCall.
-    HalideBuffer(const Tensor &t, const DataView &v) {
-        if (t.memory == Memory::Host) {
-            buffer.host = static_cast<uint8_t *>(t.data);
-        }
+    // A slice of a data tensor; device memory is attached by GpuCall.
+    HalideBuffer(const Tensor &t, const Slice &s) {
         buffer.type = halide_type_of(t.dtype);
-        const auto c = static_cast<int32_t>(v.channels);
-        if (v.nchw) {
-            const auto inner = static_cast<int32_t>(v.inner);
-            dims[0] = {0, inner, 1, 0};
-            dims[1] = {0, c, inner, 0};
-            dims[2] = {0, static_cast<int32_t>(v.outer), inner * c, 0};
-            buffer.dimensions = 3;
-        } else {
-            dims[0] = {0, c, 1, 0};
-            dims[1] = {0, static_cast<int32_t>(v.outer), c, 0};
-            buffer.dimensions = 2;
+        if (t.memory == Memory::Host) {
+            buffer.host = static_cast<uint8_t *>(t.data) + s.offset * buffer.type.bytes();
         }
+        dims = s.dims;
+        buffer.dimensions = s.dimensions;
     }
 
-    // A per-channel vector of float32 or double.
+    // A per-channel vector of float32 or double, from its element 0.
     template<typename T>
     HalideBuffer(T *data, int64_t channels) {
-        buffer.host = reinterpret_cast<uint8_t *>(data);
-        buffer.type = ::halide_type_of<T>();
+        buffer.host = reinterpret_cast<uint8_t *>(const_cast<std::remove_const_t<T> *>(data));
+        buffer.type = ::halide_type_of<std::remove_const_t<T>>();
         dims[0] = {0, static_cast<int32_t>(channels), 1, 0};
         buffer.dimensions = 1;
     }
+
+    // The channels of slice `s` of a per-channel vector over every channel.
+    template<typename T>
+    HalideBuffer(T *data, const Slice &s) : HalideBuffer(data + s.first_channel, s.channels) {}
 
     HalideBuffer() = default;
 
@@ -65,6 +60,32 @@ struct HalideBuffer {
         buffer.dim = dims.data();
         return &buffer;
     }
+};
+
+// The output of a call whose data output is not wanted: the statistics-only
+// passes, and a skipped grad_input. On the CPU it has no rows (the kernels
+// still reduce all of their input: a reduction's extent is the input's). A
+// GPU backend would allocate it on the device, where a zero size is an
+// error, so there it is one row, in host scratch. (An output with no host
+// and no device memory would be a bounds query.)
+class UnwantedOutput {
+public:
+    UnwantedOutput(Device device, DType dtype, const Slice &s) {
+        const int last = s.dimensions - 1;
+        int64_t row_elements = 1;
+        for (int i = 0; i < last; i++) {
+            row_elements *= s.dims[i].extent;
+        }
+        scratch_.resize(device == Device::CPU ? 1 : row_elements * halide_type_of(dtype).bytes());
+        buffer_ = HalideBuffer(Tensor{nullptr, dtype}, s);
+        buffer_.buffer.host = scratch_.data();
+        buffer_.dims[last].extent = device == Device::CPU ? 0 : 1;
+    }
+    halide_buffer_t *get() { return buffer_.get(); }
+
+private:
+    std::vector<uint8_t> scratch_;
+    HalideBuffer buffer_;
 };
 
 // The largest |value| of `values`, NaN if one is.
@@ -87,24 +108,22 @@ class ChannelFloats {
 public:
     ChannelFloats(const Tensor &t, int64_t channels) {
         if (t.dtype == DType::Float32) {
-            data_ = static_cast<float *>(t.data);
+            data_ = static_cast<const float *>(t.data);
         } else {
             const auto *half = static_cast<const float16 *>(t.data);
             copy_.assign(half, half + channels);
             data_ = copy_.data();
         }
-        buffer_ = HalideBuffer(data_, channels);
         channels_ = channels;
     }
     float operator[](int64_t c) const { return data_[c]; }
+    const float *data() const { return data_; }
     double largest_magnitude() const { return hbn::internal::largest_magnitude(data_, channels_); }
-    halide_buffer_t *buffer() { return buffer_.get(); }
 
 private:
     std::vector<float> copy_;
-    float *data_ = nullptr;
+    const float *data_ = nullptr;
     int64_t channels_ = 0;
-    HalideBuffer buffer_;
 };
 
 // Whether a per-channel factor is finite in float32; NaN is not.

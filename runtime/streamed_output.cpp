@@ -121,9 +121,8 @@ struct StreamedInference {
 
 }  // namespace
 
-bool streams_output(DType dtype, const DataView &view) {
-    return view.values_per_channel() * view.channels * halide_type_of(dtype).bytes() >=
-           streaming_threshold_bytes;
+bool streams_output(DType dtype, const Slice &slice) {
+    return slice.elements() * halide_type_of(dtype).bytes() >= streaming_threshold_bytes;
 }
 
 int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_buffer_t *input,
@@ -147,7 +146,7 @@ int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_
     return status;
 }
 #else
-bool streams_output(DType, const DataView &) {
+bool streams_output(DType, const Slice &) {
     return false;
 }
 int run_streamed_inference(void *, InferenceFn, halide_buffer_t *, halide_buffer_t *,

@@ -17,7 +17,7 @@ namespace hbn::internal {
 // prefetched.
 
 // Whether a call's output takes this path (64 MiB and more, on x86).
-bool streams_output(DType dtype, const DataView &view);
+bool streams_output(DType dtype, const Slice &slice);
 
 // Writes `output` = the inference pipeline of `input`, through `chunk_kernel`
 // (a serial inference kernel) and streaming stores.

@@ -2,6 +2,7 @@
 
 #include "buffers.h"      // halide_type_of
 #include "halide_call.h"  // fail
+#include "partition.h"    // needs_slices
 
 #include <algorithm>
 #include <array>
@@ -148,11 +149,12 @@ DataView view_of(const Tensor &x, Layout layout) {
         v.outer *= v.inner;
         v.inner = 1;
     }
-    constexpr int64_t int32_max = std::numeric_limits<int32_t>::max();
-    const int64_t largest_stride = v.nchw ? v.inner * v.channels : v.channels;
-    if (v.inner > int32_max || v.outer > int32_max || largest_stride > int32_max) {
-        fail(ErrorKind::ValueError, "input_x shape " + shape_string(s) +
-                                        " needs an extent or stride beyond 2^31 - 1 elements");
+    // Host memory is processed in slices; a device handle cannot be offset
+    // (an OpenCL cl_mem).
+    if (x.memory != Memory::Host && needs_slices(v)) {
+        fail(ErrorKind::ValueError, "input_x shape " + shape_string(s) + " needs an extent or stride beyond 2^30 elements, "
+                                        "which hbn processes in slices of host memory only, but input_x is " +
+                                        memory_name(x.memory) + " memory");
     }
     return v;
 }
@@ -292,6 +294,15 @@ void check_present(const Tensor &t, const char *name, bool training) {
 
 }  // namespace
 
+void check_global_values_per_channel(double count) {
+    if (count < 2) {
+        fail(ErrorKind::ValueError,
+             "training needs more than one value per channel to form a variance, but the processes of "
+             "options.all_reduce hold " +
+                 std::to_string(static_cast<int64_t>(count)) + " together");
+    }
+}
+
 DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &options, bool training) {
     const Tensor &x = args.input_x;
     check_options(options);
@@ -314,7 +325,7 @@ DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &
         check_saved_statistic(*args.saved_mean, "saved_mean", view.channels);
         check_saved_statistic(*args.saved_inv_std, "saved_inv_std", view.channels);
     }
-    if (training) {
+    if (training && !options.all_reduce) {
         check_values_per_channel(x, view);
     }
 
@@ -370,7 +381,9 @@ DataView validate_backward(const BackwardArguments &args, const BatchNormOptions
     if (training) {
         check_saved_statistic(mean, mean_name, channels);
         check_saved_statistic(spread, spread_name, channels);
-        check_values_per_channel(x, view);
+        if (!options.all_reduce) {
+            check_values_per_channel(x, view);
+        }
     } else {
         check_channel_vector(mean, mean_name, channels);
         check_channel_vector(spread, spread_name, channels);

@@ -38,5 +38,9 @@ inline bool given(const Tensor &t) {
 DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &options, bool training);
 // The same for a backward call, in options.training's mode.
 DataView validate_backward(const BackwardArguments &args, const BatchNormOptions &options);
+// With options.all_reduce, a process may hold fewer than two values per
+// channel (even none): training needs M >= 2 across all of them, which this
+// checks once M is summed.
+void check_global_values_per_channel(double count);
 
 }  // namespace hbn::internal

@@ -13,6 +13,10 @@
 # ~25 GB/s up to 32 MiB, ~9 GB/s from 64 MiB); it reports a 480 MB L3 that no
 # access pattern sees. HBN_SCHEDULE_TARGET (default: hbn's best x86 variant)
 # is the target the autoschedulers see; the schedule serves every variant.
+# HBN_CAPTURE_LIBRARIES, a bash regular expression, captures only the
+# libraries whose names match (e.g. '_grad_input_' after adding that
+# pipeline): the autoschedulers' output differs between machines and runs,
+# so recapturing what did not change only churns the checked-in files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh tune
@@ -60,6 +64,7 @@ checked_in() {
 }
 
 while read -r library generator params; do
+    [[ $library =~ ${HBN_CAPTURE_LIBRARIES:-.} ]] || continue
     read -r -a params <<< "$params"
     serial=()
     [[ " ${params[*]} " == *" parallel=false "* ]] && serial=(--serial)

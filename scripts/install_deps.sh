@@ -10,8 +10,10 @@ set -euo pipefail
 # ocl-icd-opencl-dev: the OpenCL headers the build needs and the libOpenCL.so
 # that Halide's runtime opens; pocl-opencl-icd: an OpenCL device on the CPU,
 # on which the tests run the OpenCL backend; python3: the PTX test; llvm-14
-# (which Halide's package also pulls in): llvm-as, for the float16 conversions.
-packages=(cmake ninja-build gcc g++ libhalide14-0-dev llvm-14 ocl-icd-opencl-dev)
+# (which Halide's package also pulls in): llvm-as, for the float16 conversions;
+# libopenmpi-dev and openmpi-bin: the hbn::mpi component and mpirun, which
+# runs its tests and example.
+packages=(cmake ninja-build gcc g++ libhalide14-0-dev llvm-14 ocl-icd-opencl-dev libopenmpi-dev openmpi-bin)
 case "${1:-test}" in
     demo) ;;
     test) packages+=(libgtest-dev pocl-opencl-icd python3) ;;

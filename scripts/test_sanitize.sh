@@ -4,7 +4,8 @@
 # Debian's clang 14; the runtime and the tests are instrumented, the Halide
 # kernels are not (Halide compiles them).
 #  - build/asan, AddressSanitizer + UndefinedBehaviorSanitizer, CPU and
-#    OpenCL backends: the semantics, numerics, validation, backward and threading tests
+#    OpenCL backends: the semantics, numerics, validation, backward, sync,
+#    sliced and threading tests
 #    under the CPU's best x86 variant (the avx512-prefixed ones, which refuse
 #    no CPU feature, so every x86-64 machine runs them) with HBN_DEVICE=cpu,
 #    the runtime.* tests, the backend.* tests (OpenCL on PoCL), and the
@@ -13,9 +14,9 @@
 #    see. HBN_DEVICE=cpu because Auto's probe would load PoCL's LLVM, whose
 #    alternate signal stack on a test's worker thread ASan cannot unmap when
 #    the thread ends.
-#  - build/tsan, ThreadSanitizer, CPU backend: the threading tests under that
-#    variant, where calls run concurrently and hbn's streamed path runs on
-#    Halide's thread pool.
+#  - build/tsan, ThreadSanitizer, CPU backend: the threading and sync tests
+#    under that variant, where calls run concurrently (sync's fake processes
+#    are threads) and hbn's streamed path runs on Halide's thread pool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh sanitize
@@ -33,7 +34,7 @@ configure() {  # build dir, sanitizers, extra CMake arguments
 symbolizer=external_symbolizer_path=/usr/lib/llvm-14/bin/llvm-symbolizer
 
 # scripts/fuzz.sh configures build/asan the same way, so neither rebuilds it.
-configure build/asan address,undefined "-DHBN_BACKENDS=cpu;opencl" -DHBN_BUILD_FUZZER=ON \
+configure build/asan address,undefined "-DHBN_BACKENDS=cpu;opencl" -DHBN_MPI=OFF -DHBN_BUILD_FUZZER=ON \
     -DHBN_FUZZ_SECONDS="${HBN_FUZZ_SECONDS:-60}"
 export ASAN_OPTIONS=$symbolizer:detect_leaks=1:check_initialization_order=1:strict_init_order=1
 export UBSAN_OPTIONS=$symbolizer:print_stacktrace=1:halt_on_error=1
@@ -42,6 +43,6 @@ HBN_DEVICE=cpu ctest --test-dir build/asan --output-on-failure -j "$jobs" -R '^(
 # PoCL (device memory, a failing kernel build).
 ctest --test-dir build/asan --output-on-failure -j "$jobs" -R '^backend\.' "$@"
 
-configure build/tsan thread -DHBN_BACKENDS=cpu
+configure build/tsan thread -DHBN_BACKENDS=cpu -DHBN_MPI=OFF
 HBN_DEVICE=cpu TSAN_OPTIONS="$symbolizer:halt_on_error=1:suppressions=$PWD/tests/sanitizers/tsan.supp" \
-    ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^avx512\.' -L threading "$@"
+    ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^avx512\.' -L 'threading|sync' "$@"

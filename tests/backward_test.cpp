@@ -3,6 +3,7 @@
 // differences of the reference forward, in place, with gradients skipped, at
 // the edges (one value per channel, empty tensors, NaN), on numerically hard
 // inputs, and its validation.
+#include "backward_bounds.h"
 #include "test_util.h"
 
 #include "HalideRuntime.h"
@@ -20,47 +21,7 @@ using hbn::DType;
 using hbn::ErrorKind;
 using hbn::Layout;
 
-constexpr double u32 = 0x1p-24;  // float32's unit roundoff
 const double sentinel = BackwardCase::sentinel;
-
-// One rounding to `dtype`, relative, with a factor 2 to spare: float32's
-// unit roundoff is 2^-24, float16's 2^-11 (a value computed in float32 may
-// land on the other side of a float16 tie).
-double storage_rounding(DType dtype) {
-    return dtype == DType::Float32 ? 2 * u32 : 0x1p-10;
-}
-
-// grad_input is weight * inv_std times a difference of terms, which may
-// cancel, so its float32 error is relative to the terms, not to the result:
-// about six roundings (x - mean, the products, the subtractions), bounded by
-// eight, then one rounding to the output dtype (among float16's denormals,
-// a whole spacing, 2^-24).
-std::vector<double> grad_input_bounds(const ReferenceBackward &r, DType dtype) {
-    std::vector<double> bounds(r.grad_input.size());
-    for (size_t i = 0; i < bounds.size(); i++) {
-        bounds[i] = 8 * u32 * r.grad_input_terms[i] + storage_rounding(dtype) * std::abs(r.grad_input[i]) +
-                    (dtype == DType::Float16 ? 0x1p-24 : 0);
-    }
-    return bounds;
-}
-
-// A per-channel sum accumulated in double, error `per_term` of the sum of
-// its terms' magnitudes, then rounded to the parameter dtype.
-std::vector<double> sum_bounds(const std::vector<double> &expected, const std::vector<double> &terms,
-                               double per_term, DType dtype) {
-    std::vector<double> bounds(expected.size());
-    for (size_t c = 0; c < bounds.size(); c++) {
-        bounds[c] = per_term * terms[c] + storage_rounding(dtype) * std::abs(expected[c]);
-    }
-    return bounds;
-}
-
-// grad_weight's terms dy * xhat may each be formed in float32 (two
-// roundings) before the double sum.
-constexpr double grad_weight_per_term = 4 * u32;
-// grad_bias sums dy, exact in double, so only the double sum's own error:
-// at most (M - 1) * 2^-53, 1.2e-10 for the largest M here (2^20 + 4096).
-constexpr double grad_bias_per_term = 1e-9;
 
 void expect_grad_input(HostTensor &actual, const ReferenceBackward &expected, const std::string &what) {
     expect_within(actual.values(), expected.grad_input, grad_input_bounds(expected, actual.view().dtype),
@@ -386,7 +347,7 @@ TEST(BackwardGradientCheck, MatchesFiniteDifferencesOfReferenceForward) {
 // (Sterbenz), so a careful float32 implementation meets the usual bounds;
 // the one-pass grad_weight = (sum(dy * x) - mean * sum(dy)) * inv_std in
 // float32 cancels: simulated at this size (8184 values per channel) it errs
-// by 0.01 to 4 against a bound of ~1.3e-3 (4 u32 * sum |dy * xhat|, ~5200),
+// by 0.01 to 4 against a bound of ~1.3e-3 (4 unit_roundoff32 * sum |dy * xhat|, ~5200),
 // and its grad_input by 300 to 50000 times the bound.
 TEST(BackwardNumerics, LargeOffsetInX) {
     for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
@@ -432,7 +393,7 @@ TEST(BackwardNumerics, LargeCommonOffsetInGradOutput) {
         // largest value. Where mean_dy reached the elementwise pass as a
         // float32 (or as a pair hi + lo that the compiler folds back into
         // one), the error was 2.7e-5 to 4.1e-5 against values of ~3.4.
-        EXPECT_LE(worst, 8 * u32 * largest) << "grad_input lost precision to dy's offset";
+        EXPECT_LE(worst, 8 * unit_roundoff32 * largest) << "grad_input lost precision to dy's offset";
         expect_gradients(t, expected, case_name(layout, true) + "dy offset 1e3 ");
     }
 }
