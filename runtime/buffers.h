@@ -30,11 +30,15 @@ struct HalideBuffer {
     std::array<halide_dimension_t, 3> dims{};
 
     // A slice of a data tensor; device memory is attached by GpuCall.
-    HalideBuffer(const Tensor &t, const Slice &s) {
-        buffer.type = halide_type_of(t.dtype);
+    HalideBuffer(const Tensor &t, const Slice &s) : HalideBuffer(halide_type_of(t.dtype), s) {
         if (t.memory == Memory::Host) {
             buffer.host = static_cast<uint8_t *>(t.data) + s.offset * buffer.type.bytes();
         }
+    }
+
+    // A slice's shape, with no memory yet.
+    HalideBuffer(halide_type_t type, const Slice &s) {
+        buffer.type = type;
         dims = s.dims;
         buffer.dimensions = s.dimensions;
     }
@@ -77,7 +81,7 @@ public:
             row_elements *= s.dims[i].extent;
         }
         scratch_.resize(device == Device::CPU ? 1 : row_elements * halide_type_of(dtype).bytes());
-        buffer_ = HalideBuffer(Tensor{nullptr, dtype}, s);
+        buffer_ = HalideBuffer(halide_type_of(dtype), s);
         buffer_.buffer.host = scratch_.data();
         buffer_.dims[last].extent = device == Device::CPU ? 0 : 1;
     }
