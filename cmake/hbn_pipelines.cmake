@@ -201,8 +201,8 @@ function(hbn_write_schedule_files generator)
            "inline const std::map<std::string, ApplySchedule> checked_in = {\n${entries}};\n}\n")
     file(CONFIGURE OUTPUT "${PROJECT_BINARY_DIR}/schedules/hbn_checked_in_schedules.h"
          CONTENT "${text}")
-    # A cross build runs the generators of a host build: nothing to compile.
-    if (NOT CMAKE_CROSSCOMPILING)
+    # Imported generators (another build's) have nothing to compile.
+    if (TARGET ${generator})
         target_include_directories(${generator} PRIVATE "${PROJECT_BINARY_DIR}/schedules")
     endif ()
     get_property(pipelines GLOBAL PROPERTY HBN_PIPELINES)

@@ -2,7 +2,8 @@
 # Installs the Debian 12 packages hbn needs that this machine lacks.
 #   scripts/install_deps.sh [demo|test|arm|sanitize|bench|tune]   (default: test)
 # arm: the test packages plus the aarch64 cross compiler and qemu-aarch64
-# (scripts/test_arm.sh builds GoogleTest from googletest's sources).
+# (scripts/test_arm.sh builds GoogleTest from googletest's sources, and the
+# generators in the native build/test).
 # sanitize: the test packages plus clang 14 and its sanitizer and libFuzzer
 # runtimes (scripts/test_sanitize.sh, scripts/fuzz.sh).
 set -euo pipefail
@@ -17,7 +18,7 @@ packages=(cmake ninja-build gcc g++ libhalide14-0-dev llvm-14 ocl-icd-opencl-dev
 case "${1:-test}" in
     demo) ;;
     test) packages+=(libgtest-dev pocl-opencl-icd python3) ;;
-    arm) packages+=(libgtest-dev googletest g++-aarch64-linux-gnu qemu-user) ;;
+    arm) packages+=(libgtest-dev googletest python3 g++-aarch64-linux-gnu qemu-user) ;;
     sanitize) packages+=(libgtest-dev clang-14 libclang-rt-14-dev) ;;
     bench) packages+=(libbenchmark-dev libdnnl-dev libtorch-dev python3-matplotlib) ;;
     tune) packages+=(python3) ;;

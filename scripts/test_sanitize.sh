@@ -21,14 +21,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh sanitize
 jobs=$(nproc)
-source scripts/best_x86_target.sh
+source scripts/test_common.sh
+shared_generators
 # Only the best x86 variant is built: ASan and TSan see the runtime, which
-# every variant shares, not the kernels.
+# every variant shares, not the kernels. The generators are build/test's.
 configure() {  # build dir, sanitizers, extra CMake arguments
     local dir=$1 sanitize=$2
     shift 2
     CC=clang-14 CXX=clang++-14 cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-        -DHBN_SANITIZE="$sanitize" -DHBN_X86_TARGETS="$(best_x86_target)" "$@"
+        -DHBN_SANITIZE="$sanitize" -DHBN_X86_TARGETS="$(best_x86_target)" "$generators_arg" "$@"
     cmake --build "$dir" -j "$jobs"
 }
 

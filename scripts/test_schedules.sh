@@ -20,7 +20,8 @@ scripts/install_deps.sh test
 jobs=$(nproc)
 read -r -a schedules <<< "${HBN_TEST_SCHEDULES:-adams2019 li2018 mullapudi2016 tuned}"
 
-source scripts/best_x86_target.sh
+source scripts/test_common.sh
+shared_generators
 x86_targets=${HBN_SCHEDULE_X86_TARGETS:-$(best_x86_target)}
 
 failed=()
@@ -35,7 +36,7 @@ for schedule in "${schedules[@]}"; do
         tests='^(avx512|opencl)\.|^cuda\.ptxas'
     fi
     if ! cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_SCHEDULE="$schedule" \
-               -DHBN_BACKENDS="$backends" -DHBN_X86_TARGETS="$x86_targets" ||
+               -DHBN_BACKENDS="$backends" -DHBN_X86_TARGETS="$x86_targets" "$generators_arg" ||
        ! cmake --build "$dir" -j "$jobs"; then
         failed+=("$schedule (build)")
         continue
