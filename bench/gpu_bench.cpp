@@ -449,6 +449,22 @@ int main(int argc, char **argv) {
         const char *dtype_name = dtype == hbn::DType::Float16 ? "float16" : "float32";
         const size_t tensor_bytes = static_cast<size_t>(dims.elements()) * (dtype == hbn::DType::Float16 ? 2 : 4);
         bool filled = false;
+        // Whether `row` may run: within the budget (else it is printed as
+        // skipped), with x and dy filled, once per dtype.
+        auto ready = [&](Row &row) {
+            if (over_budget()) {
+                row.status = "skipped: budget spent";
+                print_row(row);
+                return false;
+            }
+            if (!filled) {
+                fill(x_ptr, tensor_bytes, dtype, 0x1234, -2, 2);
+                fill(dy_ptr, tensor_bytes, dtype, 0x5678, -1, 1);
+                check(cu.ctx_synchronize(), "cuCtxSynchronize");
+                filled = true;
+            }
+            return true;
+        };
 
         // The copies: forward (2 tensors moved) and backward (3).
         for (int tensors : {2, 3}) {
@@ -461,16 +477,8 @@ int main(int argc, char **argv) {
             row.name = std::string("copy_") + row.pass + "/" + dtype_name;
             row.dims = dims;
             row.bytes_moved = static_cast<int64_t>(tensors * tensor_bytes);
-            if (over_budget()) {
-                row.status = "skipped: budget spent";
-                print_row(row);
+            if (!ready(row)) {
                 continue;
-            }
-            if (!filled) {
-                fill(x_ptr, tensor_bytes, dtype, 0x1234, -2, 2);
-                fill(dy_ptr, tensor_bytes, dtype, 0x5678, -1, 1);
-                check(cu.ctx_synchronize(), "cuCtxSynchronize");
-                filled = true;
             }
             // Reads and writes bytes_moved / 2 each: x (and dy) into slots 2-3.
             const size_t copy_bytes = static_cast<size_t>(row.bytes_moved / 2);
@@ -505,16 +513,8 @@ int main(int argc, char **argv) {
                 row.dims = dims;
                 row.bytes_moved = static_cast<int64_t>((is_backward(kind) ? 3 : 2) * tensor_bytes);
                 if (!opts.filter.empty() && row.name.find(opts.filter) == std::string::npos) continue;
-                if (over_budget()) {
-                    row.status = "skipped: budget spent";
-                    print_row(row);
+                if (!ready(row)) {
                     continue;
-                }
-                if (!filled) {
-                    fill(x_ptr, tensor_bytes, dtype, 0x1234, -2, 2);
-                    fill(dy_ptr, tensor_bytes, dtype, 0x5678, -1, 1);
-                    check(cu.ctx_synchronize(), "cuCtxSynchronize");
-                    filled = true;
                 }
 
                 hbn::BatchNormOptions options;
