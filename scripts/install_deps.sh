@@ -13,14 +13,18 @@ set -euo pipefail
 # on which the tests run the OpenCL backend; python3: the PTX test; llvm-14
 # (which Halide's package also pulls in): llvm-as, for the float16 conversions;
 # libopenmpi-dev and openmpi-bin: the hbn::mpi component and mpirun, which
-# runs its tests and example.
+# runs its tests and example; python3-dev, python3-pybind11, libdlpack-dev,
+# python3-numpy: the Python package (HBN_PYTHON), and python3-torch and
+# python3-pytest its tests.
 packages=(cmake ninja-build gcc g++ libhalide14-0-dev llvm-14 ocl-icd-opencl-dev libopenmpi-dev openmpi-bin)
 case "${1:-test}" in
     demo) ;;
-    test) packages+=(libgtest-dev pocl-opencl-icd python3) ;;
+    test) packages+=(libgtest-dev pocl-opencl-icd python3 python3-dev python3-pybind11 libdlpack-dev
+                     python3-numpy python3-torch python3-pytest) ;;
     arm) packages+=(libgtest-dev googletest python3 g++-aarch64-linux-gnu qemu-user) ;;
     sanitize) packages+=(libgtest-dev clang-14 libclang-rt-14-dev) ;;
-    bench) packages+=(libbenchmark-dev libdnnl-dev libtorch-dev python3-matplotlib) ;;
+    bench) packages+=(libbenchmark-dev libdnnl-dev libtorch-dev python3-matplotlib python3-dev
+                      python3-pybind11 libdlpack-dev python3-numpy python3-torch) ;;
     tune) packages+=(python3) ;;
     *) echo "usage: $0 [demo|test|arm|sanitize|bench|tune]" >&2; exit 2 ;;
 esac

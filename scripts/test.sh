@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh test
-cmake -S . -B build/test -G Ninja -DCMAKE_BUILD_TYPE=Release
+# The Python package for Debian's python3 (another python3 may come first on PATH).
+cmake -S . -B build/test -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_PYTHON=ON \
+      -DPython3_EXECUTABLE=/usr/bin/python3
 cmake --build build/test
 # The `large` test (tensors of more than 2^31 elements: ~9 GiB, minutes)
 # only with HBN_TEST_LARGE=1.

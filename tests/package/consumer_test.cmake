@@ -3,10 +3,14 @@
 # README blocks that follow "<!-- consumer: FILE -->" markers.
 # With HBN_MPI, the same for the SyncBN consumer ("<!-- consumer-mpi: FILE -->",
 # whose main.cpp is examples/sync_batch_norm.cpp), run under mpirun.
-#   cmake -DHBN_BUILD_DIR=... -DREADME=... -DWORK_DIR=... -DHBN_MPI=ON|OFF -P consumer_test.cmake
+# With HBN_PYTHON, the README's Python blocks (tests/python/test_readme.py)
+# against the installed Python package.
+#   cmake -DHBN_BUILD_DIR=... -DREADME=... -DWORK_DIR=... -DHBN_MPI=ON|OFF
+#         -DHBN_PYTHON=ON|OFF [-DHBN_PYTHON_INSTALL_DIR=... -DPython3_EXECUTABLE=...]
+#         -P consumer_test.cmake
 cmake_minimum_required(VERSION 3.22)
 
-foreach (var HBN_BUILD_DIR README WORK_DIR HBN_MPI)
+foreach (var HBN_BUILD_DIR README WORK_DIR HBN_MPI HBN_PYTHON)
     if (NOT DEFINED ${var})
         message(FATAL_ERROR "${var} is not set")
     endif ()
@@ -101,4 +105,17 @@ if (HBN_MPI)
     if (at EQUAL -1)
         message(FATAL_ERROR "SyncBN consumer output lacks the documented statistics:\n${run_output}")
     endif ()
+endif ()
+
+if (HBN_PYTHON)
+    set(site "${WORK_DIR}/prefix/${HBN_PYTHON_INSTALL_DIR}")
+    run(${CMAKE_COMMAND} -E env PYTHONPATH=${site} ${Python3_EXECUTABLE} -c "import hbn\nprint(hbn.__file__)")
+    string(FIND "${run_output}" "${site}/hbn/" at)
+    if (NOT at EQUAL 0)
+        message(FATAL_ERROR "import hbn did not load the installed package from ${site}:\n${run_output}")
+    endif ()
+    get_filename_component(source_dir "${README}" DIRECTORY)
+    run(${CMAKE_COMMAND} -E env PYTHONPATH=${site} HBN_DEVICE=cpu
+        ${Python3_EXECUTABLE} -m pytest -q -p no:cacheprovider "${source_dir}/tests/python/test_readme.py")
+    message(STATUS "README's Python blocks against the install:\n${run_output}")
 endif ()

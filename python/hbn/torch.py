@@ -1,0 +1,137 @@
+"""PyTorch drop-ins whose forward and backward run on hbn.
+
+``batch_norm`` has the signature of ``torch.nn.functional.batch_norm``, and
+``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` subclass torch's own
+modules (same parameters, buffers, state_dict and isinstance checks), replacing
+only ``forward``. Gradients come from hbn's backward through
+``torch.autograd.Function`` (first order only). Inputs are CPU tensors of
+float16 or float32; contiguous and channels-last tensors are read in place,
+any other layout is copied to contiguous first, and the output keeps the
+input's memory format.
+"""
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _hbn
+
+__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_DEVICE = "auto"  # where hbn runs: see hbn.batch_norm
+
+
+def _hbn_view(tensor):
+    """(view, data_format, order): tensor as hbn reads it, dense and row-major.
+
+    A channels-last tensor (channels innermost, as torch.channels_last and
+    channels_last_3d lay them out) is read as NHWC through its permuted view;
+    order is that permutation, which _torch_order undoes.
+    """
+    if tensor.is_contiguous():
+        return tensor, "NCHW", None
+    if tensor.dim() > 2:
+        order = (0, *range(2, tensor.dim()), 1)
+        channels_last = tensor.permute(order)
+        if channels_last.is_contiguous():
+            return channels_last, "NHWC", order
+    return tensor.contiguous(), "NCHW", None
+
+
+def _torch_order(view, order):
+    """The tensor of torch's axis order (N, C, ...) behind an hbn view."""
+    if order is None:
+        return view
+    return view.permute(0, view.dim() - 1, *range(1, view.dim() - 1))
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        x, data_format, order = _hbn_view(input)
+        if training:
+            y, saved_mean, saved_inv_std = _hbn.batch_norm_training(
+                x, running_mean, running_var, weight, bias, momentum, eps, data_format, _DEVICE)
+            ctx.save_for_backward(input, weight, saved_mean, saved_inv_std)
+        else:
+            y = _hbn.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
+                                data_format, _DEVICE)
+            ctx.save_for_backward(input, weight, running_mean, running_var)
+        ctx.training = training
+        ctx.eps = eps
+        return _torch_order(y, order)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, mean, spread = ctx.saved_tensors
+        x, data_format, order = _hbn_view(input)
+        # grad_output in x's layout, whatever memory format it arrived in.
+        dy = (grad_output.permute(order) if order else grad_output).contiguous()
+        statistics = (None, None, mean, spread) if ctx.training else (mean, spread, None, None)
+        grad_input, grad_weight, grad_bias = _hbn.batch_norm_backward(
+            dy, x, weight, *statistics, ctx.training, ctx.eps, data_format, _DEVICE)
+        return (_torch_order(grad_input, order), grad_weight, grad_bias,
+                None, None, None, None, None)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-05):
+    """torch.nn.functional.batch_norm on hbn, differentiable in input, weight and bias.
+
+    As in torch: training normalizes with the batch statistics and, where running_mean and
+    running_var are given, updates them in place; inference needs them. weight and bias
+    default to 1 and 0.
+    """
+    if input.dim() < 2:
+        raise ValueError(f"input must have rank >= 2 (N, C, ...), got shape {tuple(input.shape)}")
+    channels = input.shape[1]
+    if running_mean is None or running_var is None:
+        if not training:
+            raise ValueError("running_mean and running_var are required when training=False")
+        # Statistics to update that nobody keeps: hbn's training always updates some.
+        running_mean = torch.zeros(channels, dtype=torch.float32)
+        running_var = torch.ones(channels, dtype=torch.float32)
+    if input.numel() == 0:
+        training = False  # as torch: an empty output, and the statistics left alone
+    per_channel_dtype = running_mean.dtype
+    weight = torch.ones(channels, dtype=per_channel_dtype) if weight is None else weight.contiguous()
+    bias = torch.zeros(channels, dtype=per_channel_dtype) if bias is None else bias.contiguous()
+    # hbn updates dense statistics in place: a strided one through a dense copy.
+    mean, var = running_mean.contiguous(), running_var.contiguous()
+    output = _BatchNormFunction.apply(input, weight, bias, mean, var, bool(training),
+                                      float(momentum), float(eps))
+    for statistic, updated in ((running_mean, mean), (running_var, var)):
+        if updated is not statistic:
+            statistic.copy_(updated)
+    return output
+
+
+class _HbnBatchNorm:
+    """forward of torch's _BatchNorm (momentum=None: cumulative average), on hbn."""
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        uses_batch_statistics = self.training or (self.running_mean is None
+                                                  and self.running_var is None)
+        keeps_running = not self.training or self.track_running_stats
+        return batch_norm(input,
+                          self.running_mean if keeps_running else None,
+                          self.running_var if keeps_running else None,
+                          self.weight, self.bias, uses_batch_statistics, momentum, self.eps)
+
+
+class BatchNorm1d(_HbnBatchNorm, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on hbn: input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_HbnBatchNorm, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on hbn: input (N, C, H, W), contiguous or channels_last."""
+
+
+class BatchNorm3d(_HbnBatchNorm, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on hbn: input (N, C, D, H, W), contiguous or channels_last_3d."""

@@ -1,0 +1,382 @@
+// hbn._hbn: the Python extension behind hbn/__init__.py. It views NumPy
+// arrays (the buffer protocol) and DLPack exporters (PyTorch CPU tensors) as
+// hbn::Tensor without copying, allocates the outputs as arrays of
+// input_x's kind, and raises hbn::Error as Python's TypeError, ValueError
+// and RuntimeError. The signatures users call are hbn/__init__.py's.
+#include <hbn/batch_norm.h>
+
+#include <dlpack/dlpack.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+[[noreturn]] void fail(hbn::ErrorKind kind, const std::string &message) {
+    throw hbn::Error(kind, message);
+}
+
+std::string type_name(py::handle object) {
+    return py::str(py::type::of(object).attr("__name__"));
+}
+
+// An argument seen as an hbn::Tensor. `buffer` and `capsule` keep its memory
+// mapped during the call: the buffer view, or the DLPack capsule (whose
+// destructor, the exporter's, releases the tensor afterwards); a PyTorch
+// tensor is kept by `source`. `torch`: the arrays a call returns for it are
+// PyTorch tensors (else NumPy arrays).
+struct View {
+    hbn::Tensor tensor;
+    py::object source;
+    py::object torch;
+    std::shared_ptr<py::buffer_info> buffer;
+    py::object capsule;
+};
+
+// Both protocols describe strides in elements or bytes; hbn reads dense,
+// row-major memory only. Extents of 1 may carry any stride (NumPy and PyTorch
+// both give such axes arbitrary strides).
+bool is_row_major(const std::vector<int64_t> &shape, const std::vector<int64_t> &strides) {
+    if (std::find(shape.begin(), shape.end(), 0) != shape.end()) {
+        return true;  // no elements (PyTorch gives empty tensors arbitrary strides)
+    }
+    int64_t expected = 1;
+    for (size_t i = shape.size(); i-- > 0;) {
+        if (shape[i] != 1 && strides[i] != expected) {
+            return false;
+        }
+        expected *= shape[i];
+    }
+    return true;
+}
+
+void check_row_major(const char *name, const std::vector<int64_t> &shape,
+                     const std::vector<int64_t> &strides) {
+    if (!is_row_major(shape, strides)) {
+        fail(hbn::ErrorKind::ValueError,
+             std::string(name) +
+                 " is not contiguous: hbn reads dense row-major memory. Pass "
+                 "numpy.ascontiguousarray(a) or tensor.contiguous() (a channels_last tensor "
+                 "as tensor.permute(0, 2, 3, 1) with data_format='NHWC').");
+    }
+}
+
+const char device_memory_message[] =
+    "): hbn's Python binding reads host memory; pass CPU arrays, with device='cuda' or 'opencl' "
+    "to run there";
+
+View view_of_dlpack(const char *name, py::object source) {
+    View view;
+    view.source = source;
+    view.capsule = source.attr("__dlpack__")();
+    auto *managed =
+        static_cast<DLManagedTensor *>(PyCapsule_GetPointer(view.capsule.ptr(), "dltensor"));
+    if (!managed) {
+        throw py::error_already_set();
+    }
+    const DLTensor &t = managed->dl_tensor;
+    if (t.device.device_type != kDLCPU) {
+        fail(hbn::ErrorKind::ValueError, std::string(name) + " is in device memory (DLPack device type " +
+                                             std::to_string(t.device.device_type) + device_memory_message);
+    }
+    const bool is_float = t.dtype.code == kDLFloat && t.dtype.lanes == 1;
+    if (!is_float || (t.dtype.bits != 16 && t.dtype.bits != 32)) {
+        const char *code_names[] = {"int", "uint", "float", "opaque handle", "bfloat", "complex"};
+        const std::string code =
+            t.dtype.code < 6 ? code_names[t.dtype.code] : "type code " + std::to_string(t.dtype.code);
+        const std::string lanes = t.dtype.lanes > 1 ? "x" + std::to_string(t.dtype.lanes) : "";
+        fail(hbn::ErrorKind::TypeError, std::string(name) + " must be float16 or float32, got " + code +
+                                            std::to_string(t.dtype.bits) + lanes);
+    }
+    view.tensor.dtype = t.dtype.bits == 16 ? hbn::DType::Float16 : hbn::DType::Float32;
+    view.tensor.shape.assign(t.shape, t.shape + t.ndim);
+    if (t.strides) {
+        check_row_major(name, view.tensor.shape, {t.strides, t.strides + t.ndim});
+    }
+    view.tensor.data = static_cast<char *>(t.data) + t.byte_offset;
+    return view;
+}
+
+// PyTorch's module if the program has imported it (else no argument is a
+// PyTorch tensor), without importing it.
+py::object imported_torch() {
+    PyObject *torch = PyDict_GetItemString(PyImport_GetModuleDict(), "torch");
+    return torch ? py::reinterpret_borrow<py::object>(torch) : py::object();
+}
+
+bool is_torch_tensor(const py::object &source, const py::object &torch) {
+    return torch && py::isinstance(source, torch.attr("Tensor"));
+}
+
+// A PyTorch tensor read through its own attributes, which cost a tenth of
+// its DLPack capsule (a microsecond per tensor, more than a 2x2 call). Its
+// data need not be detached from autograd: nothing here records a graph.
+View view_of_torch(const char *name, py::object source, py::object torch) {
+    if (!source.attr("is_cpu").cast<bool>()) {
+        fail(hbn::ErrorKind::ValueError, std::string(name) + " is in device memory (" +
+                                             std::string(py::str(source.attr("device"))) +
+                                             device_memory_message);
+    }
+    View view;
+    const py::object dtype = source.attr("dtype");
+    if (dtype.is(torch.attr("float16"))) {
+        view.tensor.dtype = hbn::DType::Float16;
+    } else if (dtype.is(torch.attr("float32"))) {
+        view.tensor.dtype = hbn::DType::Float32;
+    } else {
+        fail(hbn::ErrorKind::TypeError,
+             std::string(name) + " must be float16 or float32, got " + std::string(py::str(dtype)));
+    }
+    view.tensor.shape = source.attr("shape").cast<std::vector<int64_t>>();
+    check_row_major(name, view.tensor.shape, source.attr("stride")().cast<std::vector<int64_t>>());
+    view.tensor.data = reinterpret_cast<void *>(source.attr("data_ptr")().cast<uintptr_t>());
+    view.source = std::move(source);
+    view.torch = std::move(torch);
+    return view;
+}
+
+View view_of_buffer(const char *name, py::object source, bool written) {
+    View view;
+    view.source = source;
+    view.buffer = std::make_shared<py::buffer_info>(py::reinterpret_borrow<py::buffer>(source).request());
+    const py::buffer_info &info = *view.buffer;
+    const bool is_float = info.format == "e" || info.format == "f";
+    if (!is_float || (info.itemsize != 2 && info.itemsize != 4)) {
+        const std::string dtype = py::hasattr(source, "dtype")
+                                      ? std::string(py::str(source.attr("dtype")))
+                                      : "format '" + info.format + "'";
+        fail(hbn::ErrorKind::TypeError, std::string(name) + " must be float16 or float32, got " + dtype);
+    }
+    if (written && info.readonly) {
+        fail(hbn::ErrorKind::ValueError, std::string(name) + " is read-only, but this call writes it");
+    }
+    view.tensor.dtype = info.itemsize == 2 ? hbn::DType::Float16 : hbn::DType::Float32;
+    view.tensor.shape.assign(info.shape.begin(), info.shape.end());
+    std::vector<int64_t> strides;
+    for (py::ssize_t stride : info.strides) {
+        if (stride % info.itemsize != 0) {
+            fail(hbn::ErrorKind::ValueError, std::string(name) + " has strides that are not whole elements");
+        }
+        strides.push_back(stride / info.itemsize);
+    }
+    check_row_major(name, view.tensor.shape, strides);
+    view.tensor.data = info.ptr;
+    return view;
+}
+
+// `written`: the call writes this argument (a read-only NumPy array is then a
+// ValueError; DLPack 0.6 cannot say that a tensor is read-only).
+View view_of(const char *name, py::object source, bool written = false) {
+    if (py::object torch = imported_torch(); is_torch_tensor(source, torch)) {
+        return view_of_torch(name, std::move(source), std::move(torch));
+    }
+    if (PyObject_CheckBuffer(source.ptr())) {
+        return view_of_buffer(name, std::move(source), written);
+    }
+    if (py::hasattr(source, "__dlpack__")) {
+        return view_of_dlpack(name, std::move(source));
+    }
+    fail(hbn::ErrorKind::TypeError, std::string(name) +
+                                        " must be a NumPy array or a tensor exporting DLPack (e.g. a "
+                                        "PyTorch CPU tensor), got " + type_name(source));
+}
+
+// An optional per-channel argument: None is hbn's default Tensor{} (absent).
+View view_of_optional(const char *name, const py::object &source) {
+    return source.is_none() ? View{} : view_of(name, source);
+}
+
+// A new array of `like`'s kind: a PyTorch tensor for a PyTorch tensor, else
+// a NumPy array.
+View new_like(const char *name, const View &like, const std::vector<int64_t> &shape, hbn::DType dtype) {
+    const char *dtype_name = dtype == hbn::DType::Float16 ? "float16" : "float32";
+    py::tuple extents = py::cast(shape);
+    py::object array;
+    if (like.torch) {
+        array = like.torch.attr("empty")(extents, py::arg("dtype") = like.torch.attr(dtype_name));
+    } else {
+        array = py::module_::import("numpy").attr("empty")(extents, dtype_name);
+    }
+    return view_of(name, array, true);
+}
+
+std::vector<int64_t> per_channel_shape(const View &x, hbn::Layout layout) {
+    const auto &shape = x.tensor.shape;
+    if (shape.size() < 2) {
+        return {0};  // hbn's validation reports the rank
+    }
+    return {layout == hbn::Layout::NCHW ? shape[1] : shape.back()};
+}
+
+bool is_bool(const py::object &value) {
+    return PyBool_Check(value.ptr()) || type_name(value) == "bool_";
+}
+
+bool bool_argument(const char *name, const py::object &value) {
+    // Python's bool and NumPy's bool_, as MindSpore's check_bool takes.
+    if (!is_bool(value)) {
+        fail(hbn::ErrorKind::TypeError, std::string(name) + " must be a bool, got " + type_name(value));
+    }
+    return value.cast<bool>();
+}
+
+// A real number: Python's int and float, NumPy's scalars, a 0-d tensor
+// (whatever converts with __float__ or __index__), but not a bool.
+double real_argument(const char *name, const py::object &value) {
+    const PyNumberMethods *number = Py_TYPE(value.ptr())->tp_as_number;
+    if (is_bool(value) || !number || !(number->nb_float || number->nb_index)) {
+        fail(hbn::ErrorKind::TypeError, std::string(name) + " must be a float, got " + type_name(value));
+    }
+    return value.cast<double>();
+}
+
+std::string string_argument(const char *name, const py::object &value) {
+    if (!PyUnicode_Check(value.ptr())) {
+        fail(hbn::ErrorKind::TypeError, std::string(name) + " must be a str, got " + type_name(value));
+    }
+    return value.cast<std::string>();
+}
+
+hbn::BatchNormOptions options_of(const py::object &training, const py::object &momentum,
+                                 const py::object &eps, const py::object &data_format,
+                                 const py::object &device) {
+    hbn::BatchNormOptions options;
+    options.training = bool_argument("training", training);
+    options.momentum = real_argument("momentum", momentum);
+    options.eps = real_argument("eps", eps);
+    const std::string format = string_argument("data_format", data_format);
+    if (format == "NCHW") {
+        options.layout = hbn::Layout::NCHW;
+    } else if (format == "NHWC") {
+        options.layout = hbn::Layout::NHWC;
+    } else {
+        fail(hbn::ErrorKind::ValueError, "data_format must be 'NCHW' or 'NHWC', got '" + format + "'");
+    }
+    const std::string where = string_argument("device", device);
+    if (where == "auto") {
+        options.device = hbn::Device::Auto;
+    } else if (where == "cpu") {
+        options.device = hbn::Device::CPU;
+    } else if (where == "opencl") {
+        options.device = hbn::Device::OpenCL;
+    } else if (where == "cuda") {
+        options.device = hbn::Device::CUDA;
+    } else {
+        fail(hbn::ErrorKind::ValueError,
+             "device must be 'auto', 'cpu', 'opencl' or 'cuda', got '" + where + "'");
+    }
+    return options;
+}
+
+py::object batch_norm(py::object input_x, py::object running_mean, py::object running_var,
+                      py::object weight, py::object bias, py::object training, py::object momentum,
+                      py::object eps, py::object data_format, py::object device) {
+    const hbn::BatchNormOptions options = options_of(training, momentum, eps, data_format, device);
+    const View x = view_of("input_x", input_x);
+    const View mean = view_of("running_mean", running_mean, options.training);
+    const View var = view_of("running_var", running_var, options.training);
+    const View scale = view_of("weight", weight);
+    const View shift = view_of("bias", bias);
+    const View output = new_like("output", x, x.tensor.shape, x.tensor.dtype);
+    {
+        py::gil_scoped_release unlocked;
+        hbn::batch_norm(x.tensor, mean.tensor, var.tensor, scale.tensor, shift.tensor, output.tensor,
+                        options);
+    }
+    return output.source;
+}
+
+py::tuple batch_norm_training(py::object input_x, py::object running_mean, py::object running_var,
+                              py::object weight, py::object bias, py::object momentum, py::object eps,
+                              py::object data_format, py::object device) {
+    const hbn::BatchNormOptions options =
+        options_of(py::bool_(true), momentum, eps, data_format, device);
+    const View x = view_of("input_x", input_x);
+    const View mean = view_of("running_mean", running_mean, true);
+    const View var = view_of("running_var", running_var, true);
+    const View scale = view_of("weight", weight);
+    const View shift = view_of("bias", bias);
+    const View output = new_like("output", x, x.tensor.shape, x.tensor.dtype);
+    const auto channels = per_channel_shape(x, options.layout);
+    const View saved_mean = new_like("saved_mean", x, channels, hbn::DType::Float32);
+    const View saved_inv_std = new_like("saved_inv_std", x, channels, hbn::DType::Float32);
+    {
+        py::gil_scoped_release unlocked;
+        hbn::batch_norm_training(x.tensor, mean.tensor, var.tensor, scale.tensor, shift.tensor,
+                                 output.tensor, saved_mean.tensor, saved_inv_std.tensor, options);
+    }
+    return py::make_tuple(output.source, saved_mean.source, saved_inv_std.source);
+}
+
+py::tuple batch_norm_backward(py::object grad_output, py::object input_x, py::object weight,
+                              py::object running_mean, py::object running_var, py::object saved_mean,
+                              py::object saved_inv_std, py::object training, py::object eps,
+                              py::object data_format, py::object device) {
+    const hbn::BatchNormOptions options =
+        options_of(training, py::float_(0.1), eps, data_format, device);
+    const View dy = view_of("grad_output", grad_output);
+    const View x = view_of("input_x", input_x);
+    const View scale = view_of("weight", weight);
+    const View mean = view_of_optional("running_mean", running_mean);
+    const View var = view_of_optional("running_var", running_var);
+    const View batch_mean = view_of_optional("saved_mean", saved_mean);
+    const View inv_std = view_of_optional("saved_inv_std", saved_inv_std);
+    const View grad_input = new_like("grad_input", x, x.tensor.shape, x.tensor.dtype);
+    const auto channels = per_channel_shape(x, options.layout);
+    const View grad_weight = new_like("grad_weight", scale, channels, scale.tensor.dtype);
+    const View grad_bias = new_like("grad_bias", scale, channels, scale.tensor.dtype);
+    {
+        py::gil_scoped_release unlocked;
+        hbn::batch_norm_backward(dy.tensor, x.tensor, scale.tensor, mean.tensor, var.tensor,
+                                 batch_mean.tensor, inv_std.tensor, grad_input.tensor,
+                                 grad_weight.tensor, grad_bias.tensor, options);
+    }
+    return py::make_tuple(grad_input.source, grad_weight.source, grad_bias.source);
+}
+
+hbn::Device device_named(const std::string &name) {
+    if (name == "cpu") return hbn::Device::CPU;
+    if (name == "opencl") return hbn::Device::OpenCL;
+    if (name == "cuda") return hbn::Device::CUDA;
+    fail(hbn::ErrorKind::ValueError, "device must be 'cpu', 'opencl' or 'cuda', got '" + name + "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_hbn, m) {
+    m.doc() = "hbn's extension; use the hbn package.";
+    m.attr("__version__") = HBN_VERSION;
+
+    py::register_exception_translator([](std::exception_ptr raised) {
+        try {
+            if (raised) {
+                std::rethrow_exception(raised);
+            }
+        } catch (const hbn::Error &error) {
+            PyObject *type = error.kind() == hbn::ErrorKind::TypeError    ? PyExc_TypeError
+                             : error.kind() == hbn::ErrorKind::ValueError ? PyExc_ValueError
+                                                                          : PyExc_RuntimeError;
+            PyErr_SetString(type, error.what());
+        }
+    });
+
+    m.def("batch_norm", &batch_norm);
+    m.def("batch_norm_training", &batch_norm_training);
+    m.def("batch_norm_backward", &batch_norm_backward);
+    m.def("backend_status", [](const std::string &device) {
+        const hbn::BackendStatus status = hbn::backend_status(device_named(device));
+        return py::make_tuple(status.built, status.usable, status.detail);
+    });
+    m.def("auto_device", [] {
+        std::string name = hbn::device_name(hbn::auto_device());
+        for (char &c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+        return name;
+    });
+}
