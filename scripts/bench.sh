@@ -4,8 +4,9 @@
 # of the same bytes, oneDNN and libtorch. Writes
 # bench/results/latest.{json,md,png}. Then times synchronized batch norm over
 # two MPI processes (bench/sync_overhead.cpp) and appends its table to
-# latest.md (HBN_BENCH_SYNC=0 skips it). Extra arguments go to the benchmark
-# binary, e.g.
+# latest.md (HBN_BENCH_SYNC=0 skips it), and the cost of a call from Python
+# against the same call from C++ (bench/python_overhead.py; HBN_BENCH_PYTHON=0
+# skips it). Extra arguments go to the benchmark binary, e.g.
 #   scripts/bench.sh --benchmark_filter=mid
 #   scripts/bench.sh --benchmark_filter=BM/backward_
 set -euo pipefail
@@ -13,8 +14,8 @@ cd "$(dirname "$0")/.."
 scripts/install_deps.sh bench
 
 cmake -S . -B build/bench -G Ninja -DCMAKE_BUILD_TYPE=Release -DHBN_BUILD_TESTS=OFF \
-      -DHBN_BUILD_BENCH=ON
-cmake --build build/bench --target hbn_bench hbn_sync_overhead -j "$(nproc)"
+      -DHBN_BUILD_BENCH=ON -DHBN_PYTHON=ON -DPython3_EXECUTABLE=/usr/bin/python3
+cmake --build build/bench --target hbn_bench hbn_sync_overhead hbn_python -j "$(nproc)"
 
 mkdir -p bench/results
 # OpenMP threads (oneDNN, libtorch) sleep when idle instead of spinning: on a
@@ -47,4 +48,14 @@ if [[ ${HBN_BENCH_SYNC:-1} != 0 ]]; then
     printf '\n%s\n' "$sync_table" | tee -a bench/results/latest.md
 else
     echo "SyncBN overhead skipped (HBN_BENCH_SYNC=0)"
+fi
+
+# Python's overhead: the 2x2 and mid-size calls from Python (NumPy arrays and
+# PyTorch tensors) against the C++ benchmark of the same calls, in one run.
+if [[ ${HBN_BENCH_PYTHON:-1} != 0 ]]; then
+    python_table=$(PYTHONPATH=build/bench/python HBN_DEVICE=cpu \
+                   /usr/bin/python3 bench/python_overhead.py build/bench/bench/hbn_bench)
+    printf '\n%s\n' "$python_table" | tee -a bench/results/latest.md
+else
+    echo "Python overhead skipped (HBN_BENCH_PYTHON=0)"
 fi
