@@ -1,17 +1,17 @@
 // hbn._hbn: the Python extension behind hbn/__init__.py. It views NumPy
-// arrays (the buffer protocol) and DLPack exporters (PyTorch CPU tensors) as
-// hbn::Tensor without copying, allocates the outputs as arrays of
+// arrays, PyTorch CPU tensors and other DLPack exporters as hbn::Tensor
+// without copying, allocates the outputs as arrays of
 // input_x's kind, and raises hbn::Error as Python's TypeError, ValueError
 // and RuntimeError. The signatures users call are hbn/__init__.py's.
 #include <hbn/batch_norm.h>
 
 #include <dlpack/dlpack.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,21 +27,20 @@ std::string type_name(py::handle object) {
     return py::str(py::type::of(object).attr("__name__"));
 }
 
-// An argument seen as an hbn::Tensor. `buffer` and `capsule` keep its memory
-// mapped during the call: the buffer view, or the DLPack capsule (whose
-// destructor, the exporter's, releases the tensor afterwards); a PyTorch
-// tensor is kept by `source`. `torch`: the arrays a call returns for it are
-// PyTorch tensors (else NumPy arrays).
+struct Torch;
+
+// An argument seen as an hbn::Tensor. `source` keeps its memory alive during
+// the call, with `capsule` for a DLPack exporter (the capsule's destructor,
+// the exporter's, releases the tensor afterwards). `torch`: set for a PyTorch
+// tensor, whose call returns PyTorch tensors (else NumPy arrays).
 struct View {
     hbn::Tensor tensor;
     py::object source;
-    py::object torch;
-    std::shared_ptr<py::buffer_info> buffer;
+    const Torch *torch = nullptr;
     py::object capsule;
 };
 
-// Both protocols describe strides in elements or bytes; hbn reads dense,
-// row-major memory only. Extents of 1 may carry any stride (NumPy and PyTorch
+// Strides in elements; hbn reads dense, row-major memory only. Extents of 1 may carry any stride (NumPy and PyTorch
 // both give such axes arbitrary strides).
 bool is_row_major(const std::vector<int64_t> &shape, const std::vector<int64_t> &strides) {
     if (std::find(shape.begin(), shape.end(), 0) != shape.end()) {
@@ -104,22 +103,35 @@ View view_of_dlpack(const char *name, py::object source) {
     return view;
 }
 
-// PyTorch's module if the program has imported it (else no argument is a
-// PyTorch tensor), without importing it.
-py::object imported_torch() {
-    PyObject *torch = PyDict_GetItemString(PyImport_GetModuleDict(), "torch");
-    return torch ? py::reinterpret_borrow<py::object>(torch) : py::object();
+// PyTorch's types, looked up once PyTorch is imported (before that, no
+// argument can be a PyTorch tensor), and kept for the process's life: a
+// static py::object would be destroyed after the interpreter.
+struct Torch {
+    py::object tensor, float16, float32, empty;
+};
+
+const Torch *imported_torch() {
+    static const Torch *torch = nullptr;
+    if (!torch) {
+        if (PyObject *module = PyDict_GetItemString(PyImport_GetModuleDict(), "torch")) {
+            const py::handle m(module);
+            torch = new Torch{m.attr("Tensor"), m.attr("float16"), m.attr("float32"), m.attr("empty")};
+        }
+    }
+    return torch;
 }
 
-bool is_torch_tensor(const py::object &source, const py::object &torch) {
-    return torch && py::isinstance(source, torch.attr("Tensor"));
+const py::dtype &numpy_dtype(hbn::DType dtype) {
+    static const auto *float16 = new py::dtype("float16");
+    static const auto *float32 = new py::dtype(py::dtype::of<float>());
+    return dtype == hbn::DType::Float16 ? *float16 : *float32;
 }
 
 // A PyTorch tensor read through its own attributes, which cost about a third
 // of exporting its DLPack capsule (a 2x2 call from Python took 9.5 us so, 12.7
 // us through DLPack). Nothing here records an autograd graph, so a tensor that
 // requires grad is read as it is.
-View view_of_torch(const char *name, py::object source, py::object torch) {
+View view_of_torch(const char *name, py::object source, const Torch &torch) {
     if (!source.attr("is_cpu").cast<bool>()) {
         fail(hbn::ErrorKind::ValueError, std::string(name) + " is in device memory (" +
                                              std::string(py::str(source.attr("device"))) +
@@ -127,9 +139,9 @@ View view_of_torch(const char *name, py::object source, py::object torch) {
     }
     View view;
     const py::object dtype = source.attr("dtype");
-    if (dtype.is(torch.attr("float16"))) {
+    if (dtype.is(torch.float16)) {
         view.tensor.dtype = hbn::DType::Float16;
-    } else if (dtype.is(torch.attr("float32"))) {
+    } else if (dtype.is(torch.float32)) {
         view.tensor.dtype = hbn::DType::Float32;
     } else {
         fail(hbn::ErrorKind::TypeError,
@@ -139,47 +151,44 @@ View view_of_torch(const char *name, py::object source, py::object torch) {
     check_row_major(name, view.tensor.shape, source.attr("stride")().cast<std::vector<int64_t>>());
     view.tensor.data = reinterpret_cast<void *>(source.attr("data_ptr")().cast<uintptr_t>());
     view.source = std::move(source);
-    view.torch = std::move(torch);
+    view.torch = &torch;
     return view;
 }
 
-View view_of_buffer(const char *name, py::object source, bool written) {
-    View view;
-    view.source = source;
-    view.buffer = std::make_shared<py::buffer_info>(py::reinterpret_borrow<py::buffer>(source).request());
-    const py::buffer_info &info = *view.buffer;
-    const bool is_float = info.format == "e" || info.format == "f";
-    if (!is_float || (info.itemsize != 2 && info.itemsize != 4)) {
-        const std::string dtype = py::hasattr(source, "dtype")
-                                      ? std::string(py::str(source.attr("dtype")))
-                                      : "format '" + info.format + "'";
-        fail(hbn::ErrorKind::TypeError, std::string(name) + " must be float16 or float32, got " + dtype);
+// A NumPy array, read through NumPy's C API (pybind11's py::array).
+View view_of_numpy(const char *name, py::array array, bool written) {
+    const py::dtype dtype = array.dtype();
+    if (dtype.kind() != 'f' || (dtype.itemsize() != 2 && dtype.itemsize() != 4)) {
+        fail(hbn::ErrorKind::TypeError,
+             std::string(name) + " must be float16 or float32, got " + std::string(py::str(py::handle(dtype))));
     }
-    if (written && info.readonly) {
+    if (written && !array.writeable()) {
         fail(hbn::ErrorKind::ValueError, std::string(name) + " is read-only, but this call writes it");
     }
-    view.tensor.dtype = info.itemsize == 2 ? hbn::DType::Float16 : hbn::DType::Float32;
-    view.tensor.shape.assign(info.shape.begin(), info.shape.end());
+    View view;
+    view.tensor.dtype = dtype.itemsize() == 2 ? hbn::DType::Float16 : hbn::DType::Float32;
+    view.tensor.shape.assign(array.shape(), array.shape() + array.ndim());
     std::vector<int64_t> strides;
-    for (py::ssize_t stride : info.strides) {
-        if (stride % info.itemsize != 0) {
+    for (py::ssize_t axis = 0; axis < array.ndim(); axis++) {
+        if (array.strides(axis) % dtype.itemsize() != 0) {
             fail(hbn::ErrorKind::ValueError, std::string(name) + " has strides that are not whole elements");
         }
-        strides.push_back(stride / info.itemsize);
+        strides.push_back(array.strides(axis) / dtype.itemsize());
     }
     check_row_major(name, view.tensor.shape, strides);
-    view.tensor.data = info.ptr;
+    view.tensor.data = const_cast<void *>(array.data());
+    view.source = std::move(array);
     return view;
 }
 
 // `written`: the call writes this argument (a read-only NumPy array is then a
 // ValueError; DLPack 0.6 cannot say that a tensor is read-only).
 View view_of(const char *name, py::object source, bool written = false) {
-    if (py::object torch = imported_torch(); is_torch_tensor(source, torch)) {
-        return view_of_torch(name, std::move(source), std::move(torch));
+    if (py::isinstance<py::array>(source)) {
+        return view_of_numpy(name, py::reinterpret_steal<py::array>(source.release()), written);
     }
-    if (PyObject_CheckBuffer(source.ptr())) {
-        return view_of_buffer(name, std::move(source), written);
+    if (const Torch *torch = imported_torch(); torch && py::isinstance(source, torch->tensor)) {
+        return view_of_torch(name, std::move(source), *torch);
     }
     if (py::hasattr(source, "__dlpack__")) {
         return view_of_dlpack(name, std::move(source));
@@ -197,15 +206,12 @@ View view_of_optional(const char *name, const py::object &source) {
 // A new array of `like`'s kind: a PyTorch tensor for a PyTorch tensor, else
 // a NumPy array.
 View new_like(const char *name, const View &like, const std::vector<int64_t> &shape, hbn::DType dtype) {
-    const char *dtype_name = dtype == hbn::DType::Float16 ? "float16" : "float32";
-    py::tuple extents = py::cast(shape);
-    py::object array;
     if (like.torch) {
-        array = like.torch.attr("empty")(extents, py::arg("dtype") = like.torch.attr(dtype_name));
-    } else {
-        array = py::module_::import("numpy").attr("empty")(extents, dtype_name);
+        const py::object &torch_dtype = dtype == hbn::DType::Float16 ? like.torch->float16 : like.torch->float32;
+        return view_of_torch(name, like.torch->empty(py::cast(shape), py::arg("dtype") = torch_dtype),
+                             *like.torch);
     }
-    return view_of(name, array, true);
+    return view_of_numpy(name, py::array(numpy_dtype(dtype), shape), true);
 }
 
 std::vector<int64_t> per_channel_shape(const View &x, hbn::Layout layout) {
