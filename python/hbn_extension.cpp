@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -251,6 +252,25 @@ std::string string_argument(const char *name, const py::object &value) {
     return value.cast<std::string>();
 }
 
+// The Python name of a device: hbn::device_name in lower case.
+std::string device_key(hbn::Device device) {
+    std::string name = hbn::device_name(device);
+    for (char &c : name) {
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+    return name;
+}
+
+hbn::Device device_argument(const py::object &value) {
+    const std::string name = string_argument("device", value);
+    for (hbn::Device device : {hbn::Device::Auto, hbn::Device::CPU, hbn::Device::OpenCL, hbn::Device::CUDA}) {
+        if (name == device_key(device)) {
+            return device;
+        }
+    }
+    fail(hbn::ErrorKind::ValueError, "device must be 'auto', 'cpu', 'opencl' or 'cuda', got '" + name + "'");
+}
+
 hbn::BatchNormOptions options_of(const py::object &training, const py::object &momentum,
                                  const py::object &eps, const py::object &data_format,
                                  const py::object &device) {
@@ -266,19 +286,7 @@ hbn::BatchNormOptions options_of(const py::object &training, const py::object &m
     } else {
         fail(hbn::ErrorKind::ValueError, "data_format must be 'NCHW' or 'NHWC', got '" + format + "'");
     }
-    const std::string where = string_argument("device", device);
-    if (where == "auto") {
-        options.device = hbn::Device::Auto;
-    } else if (where == "cpu") {
-        options.device = hbn::Device::CPU;
-    } else if (where == "opencl") {
-        options.device = hbn::Device::OpenCL;
-    } else if (where == "cuda") {
-        options.device = hbn::Device::CUDA;
-    } else {
-        fail(hbn::ErrorKind::ValueError,
-             "device must be 'auto', 'cpu', 'opencl' or 'cuda', got '" + where + "'");
-    }
+    options.device = device_argument(device);
     return options;
 }
 
@@ -348,13 +356,6 @@ py::tuple batch_norm_backward(py::object grad_output, py::object input_x, py::ob
     return py::make_tuple(grad_input.source, grad_weight.source, grad_bias.source);
 }
 
-hbn::Device device_named(const std::string &name) {
-    if (name == "cpu") return hbn::Device::CPU;
-    if (name == "opencl") return hbn::Device::OpenCL;
-    if (name == "cuda") return hbn::Device::CUDA;
-    fail(hbn::ErrorKind::ValueError, "device must be 'cpu', 'opencl' or 'cuda', got '" + name + "'");
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_hbn, m) {
@@ -377,13 +378,9 @@ PYBIND11_MODULE(_hbn, m) {
     m.def("batch_norm", &batch_norm);
     m.def("batch_norm_training", &batch_norm_training);
     m.def("batch_norm_backward", &batch_norm_backward);
-    m.def("backend_status", [](const std::string &device) {
-        const hbn::BackendStatus status = hbn::backend_status(device_named(device));
+    m.def("backend_status", [](const py::object &device) {
+        const hbn::BackendStatus status = hbn::backend_status(device_argument(device));
         return py::make_tuple(status.built, status.usable, status.detail);
     });
-    m.def("auto_device", [] {
-        std::string name = hbn::device_name(hbn::auto_device());
-        for (char &c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-        return name;
-    });
+    m.def("auto_device", [] { return device_key(hbn::auto_device()); });
 }

@@ -63,7 +63,8 @@ def batch_norm_backward(grad_output, input_x, weight, running_mean=None, running
 
 
 def backend_status(device):
-    """(built, usable, detail) of the backend "cpu", "opencl" or "cuda" in this process."""
+    """(built, usable, detail) of the backend "cpu", "opencl" or "cuda" in this process
+    ("auto": of the one device="auto" runs on)."""
     return _hbn.backend_status(device)
 
 
