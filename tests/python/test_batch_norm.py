@@ -28,6 +28,13 @@ kinds = pytest.mark.parametrize("kind", KINDS)
 modes = pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 
 
+def full_matrix(test):
+    """Every shape, dtype pair, layout, mode and array kind."""
+    for mark in (kinds, modes, data_formats, param_dtypes, dtypes, shapes):
+        test = mark(test)
+    return test
+
+
 def seed_of(*parts):
     """A seed that differs per parametrization but is stable between runs."""
     return zlib.crc32(repr(parts).encode())
@@ -35,12 +42,7 @@ def seed_of(*parts):
 
 # Forward ---------------------------------------------------------------------
 
-@shapes
-@dtypes
-@param_dtypes
-@data_formats
-@modes
-@kinds
+@full_matrix
 def test_forward_matches_torch(shape, dtype, param_dtype, data_format, training, kind):
     case = random_case(seed_of(shape, dtype, param_dtype, data_format), shape, dtype, param_dtype,
                        data_format)
@@ -133,12 +135,7 @@ def backward_arguments(case, training, kind, eps):
     return dict(saved_mean=saved[0], saved_inv_std=saved[1])
 
 
-@shapes
-@dtypes
-@param_dtypes
-@data_formats
-@modes
-@kinds
+@full_matrix
 def test_backward_matches_torch_autograd(shape, dtype, param_dtype, data_format, training, kind):
     seed = seed_of("backward", shape, dtype, param_dtype, data_format)
     case = random_case(seed, shape, dtype, param_dtype, data_format)
