@@ -143,7 +143,9 @@ def markdown(context, cases):
         f"date: {date}" + "".join(f"; {e}" for e in extra),
         "",
         "copy/hbn and peer/hbn are time_other / time_hbn: copy/hbn = 1 is the speed of a copy "
-        "of the bytes the GB/s count, peer/hbn > 1 means hbn is faster.",
+        "of the bytes the GB/s count (the faster, timed per case, of memcpy and a copy with "
+        "streaming stores: the lines under each table say which), peer/hbn > 1 means hbn is "
+        "faster.",
     ]
     for name, title, counted in PASSES:
         group = sorted((c for c in cases if pass_of(c) == name), key=case_key)
