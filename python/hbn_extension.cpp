@@ -271,10 +271,31 @@ hbn::Device device_argument(const py::object &value) {
     fail(hbn::ErrorKind::ValueError, "device must be 'auto', 'cpu', 'opencl' or 'cuda', got '" + name + "'");
 }
 
+// A Python all-reduce as hbn's: the hook gets a float64 NumPy array over
+// hbn's values, valid during the call only, and sums it across processes in
+// place. hbn calls it without the GIL (the kernels run without it), so it
+// takes the GIL here, and holds the hook by a handle, which copying the
+// std::function does not count references of: the caller's argument keeps
+// it alive.
+hbn::AllReduce all_reduce_of(const py::object &hook) {
+    if (hook.is_none()) {
+        return {};
+    }
+    if (!PyCallable_Check(hook.ptr())) {
+        fail(hbn::ErrorKind::TypeError, "all_reduce must be callable, got " + type_name(hook));
+    }
+    return [callable = py::handle(hook)](double *values, std::size_t count) {
+        py::gil_scoped_acquire locked;
+        const py::capsule unowned(values, [](void *) {});
+        callable(py::array_t<double>(static_cast<py::ssize_t>(count), values, unowned));
+    };
+}
+
 hbn::BatchNormOptions options_of(const py::object &training, const py::object &momentum,
                                  const py::object &eps, const py::object &data_format,
-                                 const py::object &device) {
+                                 const py::object &device, const py::object &all_reduce) {
     hbn::BatchNormOptions options;
+    options.all_reduce = all_reduce_of(all_reduce);
     options.training = bool_argument("training", training);
     options.momentum = real_argument("momentum", momentum);
     options.eps = real_argument("eps", eps);
@@ -292,8 +313,9 @@ hbn::BatchNormOptions options_of(const py::object &training, const py::object &m
 
 py::object batch_norm(py::object input_x, py::object running_mean, py::object running_var,
                       py::object weight, py::object bias, py::object training, py::object momentum,
-                      py::object eps, py::object data_format, py::object device) {
-    const hbn::BatchNormOptions options = options_of(training, momentum, eps, data_format, device);
+                      py::object eps, py::object data_format, py::object device, py::object all_reduce) {
+    const hbn::BatchNormOptions options =
+        options_of(training, momentum, eps, data_format, device, all_reduce);
     const View x = view_of("input_x", input_x);
     const View mean = view_of("running_mean", running_mean, options.training);
     const View var = view_of("running_var", running_var, options.training);
@@ -310,9 +332,9 @@ py::object batch_norm(py::object input_x, py::object running_mean, py::object ru
 
 py::tuple batch_norm_training(py::object input_x, py::object running_mean, py::object running_var,
                               py::object weight, py::object bias, py::object momentum, py::object eps,
-                              py::object data_format, py::object device) {
+                              py::object data_format, py::object device, py::object all_reduce) {
     const hbn::BatchNormOptions options =
-        options_of(py::bool_(true), momentum, eps, data_format, device);
+        options_of(py::bool_(true), momentum, eps, data_format, device, all_reduce);
     const View x = view_of("input_x", input_x);
     const View mean = view_of("running_mean", running_mean, true);
     const View var = view_of("running_var", running_var, true);
@@ -333,9 +355,9 @@ py::tuple batch_norm_training(py::object input_x, py::object running_mean, py::o
 py::tuple batch_norm_backward(py::object grad_output, py::object input_x, py::object weight,
                               py::object running_mean, py::object running_var, py::object saved_mean,
                               py::object saved_inv_std, py::object training, py::object eps,
-                              py::object data_format, py::object device) {
+                              py::object data_format, py::object device, py::object all_reduce) {
     const hbn::BatchNormOptions options =
-        options_of(training, py::float_(0.1), eps, data_format, device);
+        options_of(training, py::float_(0.1), eps, data_format, device, all_reduce);
     const View dy = view_of("grad_output", grad_output);
     const View x = view_of("input_x", input_x);
     const View scale = view_of("weight", weight);

@@ -20,7 +20,7 @@ __all__ = ["batch_norm", "batch_norm_training", "batch_norm_backward", "backend_
 
 
 def batch_norm(input_x, running_mean, running_var, weight, bias, training=False, momentum=0.1,
-               eps=1e-05, *, data_format="NCHW", device="auto"):
+               eps=1e-05, *, data_format="NCHW", device="auto", all_reduce=None):
     """y = (x - mean) / sqrt(var + eps) * weight + bias, per channel: MindSpore's ops.batch_norm.
 
     input_x: float16 or float32, rank >= 2, channels on axis 1 (data_format="NCHW") or last
@@ -30,25 +30,32 @@ def batch_norm(input_x, running_mean, running_var, weight, bias, training=False,
     running = (1 - momentum) * running + momentum * batch (the variance unbiased, M / (M - 1)).
     A failed call changes nothing. device: "auto", "cpu", "opencl" or "cuda" (host arrays are
     copied to and from the device). Returns the output, a new array of input_x's kind.
+
+    all_reduce: synchronized batch norm (SyncBN) in training. Each process passes its part of
+    the batch, and all_reduce(values) must sum the float64 NumPy array `values` across the
+    processes in place (valid during that call only); e.g. with torch.distributed,
+    ``lambda values: torch.distributed.all_reduce(torch.from_numpy(values))``. The statistics
+    are then the whole batch's, on every process. Every process must make the same calls; see
+    <hbn/batch_norm.h> for the protocol and what a failure on one process does.
     """
     return _hbn.batch_norm(input_x, running_mean, running_var, weight, bias, training, momentum,
-                           eps, data_format, device)
+                           eps, data_format, device, all_reduce)
 
 
 def batch_norm_training(input_x, running_mean, running_var, weight, bias, momentum=0.1,
-                        eps=1e-05, *, data_format="NCHW", device="auto"):
+                        eps=1e-05, *, data_format="NCHW", device="auto", all_reduce=None):
     """batch_norm(..., training=True) that also returns what the backward needs.
 
     Returns (output, saved_mean, saved_inv_std): the saved statistics are float32, shape (C,),
     the batch mean and 1 / sqrt(biased batch variance + eps).
     """
     return _hbn.batch_norm_training(input_x, running_mean, running_var, weight, bias, momentum,
-                                    eps, data_format, device)
+                                    eps, data_format, device, all_reduce)
 
 
 def batch_norm_backward(grad_output, input_x, weight, running_mean=None, running_var=None,
                         saved_mean=None, saved_inv_std=None, training=False, eps=1e-05, *,
-                        data_format="NCHW", device="auto"):
+                        data_format="NCHW", device="auto", all_reduce=None):
     """Gradients of batch_norm: returns (grad_input, grad_weight, grad_bias).
 
     training=True differentiates the training forward: pass its saved_mean and saved_inv_std.
@@ -56,10 +63,13 @@ def batch_norm_backward(grad_output, input_x, weight, running_mean=None, running
     xhat = (x - mean) * inv_std, per channel over its M values: grad_bias = sum(dy),
     grad_weight = sum(dy * xhat), and grad_input = weight * inv_std * (dy - grad_bias / M -
     xhat * grad_weight / M) in training, weight * inv_std * dy in inference. grad_input has
-    input_x's dtype and shape, grad_weight and grad_bias weight's dtype.
+    input_x's dtype and shape, grad_weight and grad_bias weight's dtype. With all_reduce (as in
+    batch_norm), training's grad_input is the whole batch's; grad_weight and grad_bias stay this
+    process's part, for the data-parallel gradient all-reduce to sum.
     """
     return _hbn.batch_norm_backward(grad_output, input_x, weight, running_mean, running_var,
-                                    saved_mean, saved_inv_std, training, eps, data_format, device)
+                                    saved_mean, saved_inv_std, training, eps, data_format, device,
+                                    all_reduce)
 
 
 def backend_status(device):

@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _hbn
 
-__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
 
 _DEVICE = "auto"  # where hbn runs: see hbn.batch_norm
 
@@ -46,18 +46,21 @@ def _torch_order(view, order):
 
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                all_reduce):
         x, data_format, order = _hbn_view(input)
         if training:
             y, saved_mean, saved_inv_std = _hbn.batch_norm_training(
-                x, running_mean, running_var, weight, bias, momentum, eps, data_format, _DEVICE)
+                x, running_mean, running_var, weight, bias, momentum, eps, data_format, _DEVICE,
+                all_reduce)
             ctx.save_for_backward(input, weight, saved_mean, saved_inv_std)
         else:
             y = _hbn.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
-                                data_format, _DEVICE)
+                                data_format, _DEVICE, None)
             ctx.save_for_backward(input, weight, running_mean, running_var)
         ctx.training = training
         ctx.eps = eps
+        ctx.all_reduce = all_reduce
         return _torch_order(y, order)
 
     @staticmethod
@@ -69,18 +72,20 @@ class _BatchNormFunction(torch.autograd.Function):
         dy = (grad_output.permute(order) if order else grad_output).contiguous()
         statistics = (None, None, mean, spread) if ctx.training else (mean, spread, None, None)
         grad_input, grad_weight, grad_bias = _hbn.batch_norm_backward(
-            dy, x, weight, *statistics, ctx.training, ctx.eps, data_format, _DEVICE)
+            dy, x, weight, *statistics, ctx.training, ctx.eps, data_format, _DEVICE,
+            ctx.all_reduce)
         return (_torch_order(grad_input, order), grad_weight, grad_bias,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-05):
+               momentum=0.1, eps=1e-05, *, all_reduce=None):
     """torch.nn.functional.batch_norm on hbn, differentiable in input, weight and bias.
 
     As in torch: training normalizes with the batch statistics and, where running_mean and
     running_var are given, updates them in place; inference needs them. weight and bias
-    default to 1 and 0.
+    default to 1 and 0. all_reduce: synchronized statistics in training, as in
+    hbn.batch_norm (the forward's and the backward's sums across processes).
     """
     if input.dim() < 2:
         raise ValueError(f"input must have rank >= 2 (N, C, ...), got shape {tuple(input.shape)}")
@@ -91,7 +96,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         # Statistics to update that nobody keeps: hbn's training always updates some.
         running_mean = torch.zeros(channels, dtype=torch.float32)
         running_var = torch.ones(channels, dtype=torch.float32)
-    if input.numel() == 0:
+    if input.numel() == 0 and all_reduce is None:
         training = False  # as torch: an empty output, and the statistics left alone
     per_channel_dtype = running_mean.dtype
     weight = torch.ones(channels, dtype=per_channel_dtype) if weight is None else weight.contiguous()
@@ -99,7 +104,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     # hbn updates dense statistics in place: a strided one through a dense copy.
     mean, var = running_mean.contiguous(), running_var.contiguous()
     output = _BatchNormFunction.apply(input, weight, bias, mean, var, bool(training),
-                                      float(momentum), float(eps))
+                                      float(momentum), float(eps), all_reduce)
     for statistic, updated in ((running_mean, mean), (running_var, var)):
         if updated is not statistic:
             statistic.copy_(updated)
@@ -122,7 +127,11 @@ class _HbnBatchNorm:
         return batch_norm(input,
                           self.running_mean if keeps_running else None,
                           self.running_var if keeps_running else None,
-                          self.weight, self.bias, uses_batch_statistics, momentum, self.eps)
+                          self.weight, self.bias, uses_batch_statistics, momentum, self.eps,
+                          all_reduce=self._all_reduce() if self.training else None)
+
+    def _all_reduce(self):
+        return None
 
 
 class BatchNorm1d(_HbnBatchNorm, torch.nn.BatchNorm1d):
@@ -135,3 +144,38 @@ class BatchNorm2d(_HbnBatchNorm, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_HbnBatchNorm, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on hbn: input (N, C, D, H, W), contiguous or channels_last_3d."""
+
+
+class SyncBatchNorm(_HbnBatchNorm, torch.nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm on hbn, for CPU tensors.
+
+    In training, with torch.distributed initialized, the batch statistics (and the backward's
+    sums) are those of every process in process_group (the default group when None), summed
+    by torch.distributed.all_reduce on CPU tensors: a backend that reduces them (gloo, mpi).
+    grad_weight and grad_bias stay each process's own, for DistributedDataParallel to sum.
+    Otherwise it is BatchNorm of any rank >= 2.
+    """
+
+    def _all_reduce(self):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        group = self.process_group
+        return lambda values: torch.distributed.all_reduce(torch.from_numpy(values), group=group)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Every BatchNorm*d in module (torch's or hbn's) as hbn's SyncBatchNorm, sharing its
+        parameters and buffers, as torch.nn.SyncBatchNorm.convert_sync_batchnorm does with
+        torch's."""
+        converted = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group)
+            if module.affine:
+                converted.weight, converted.bias = module.weight, module.bias
+            converted.running_mean = module.running_mean
+            converted.running_var = module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted

@@ -528,3 +528,24 @@ def test_strided_per_channel_tensors_like_torch():
     assert_close(y, expected, FLOAT32, msg="output")
     assert_close(mean, ref_mean, FLOAT32, msg="running_mean")
     assert_close(var, ref_var, FLOAT32, msg="running_var")
+
+
+def test_convert_sync_batchnorm_makes_hbn_modules_sharing_state():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                          nn.Sequential(ht.BatchNorm2d(4, momentum=0.3)))
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                              nn.Sequential(nn.BatchNorm2d(4, momentum=0.3)))
+    reference.load_state_dict(model.state_dict())
+    reference.double()
+    batch_norms = [model[1], model[2][0]]
+    converted = ht.SyncBatchNorm.convert_sync_batchnorm(model)
+    synced = [converted[1], converted[2][0]]
+    assert all(type(m) is ht.SyncBatchNorm for m in synced)
+    for before, after in zip(batch_norms, synced):
+        assert after.weight is before.weight and after.running_var is before.running_var
+        assert after.momentum == before.momentum
+    # Without torch.distributed initialized, a SyncBatchNorm is plain batch norm.
+    x = random_input((4, 3, 6, 6), seed=90)
+    assert_close(converted(x), reference(x.double()), FLOAT32, msg="output")
+    assert_buffers_match(synced[1], reference[2][0])
