@@ -15,7 +15,8 @@ from torch.autograd.function import once_differentiable
 
 from . import _hbn
 
-__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
+__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+           "convert_batch_norm"]
 
 _DEVICE = "auto"  # where hbn runs: see hbn.batch_norm
 
@@ -164,18 +165,44 @@ class SyncBatchNorm(_HbnBatchNorm, torch.nn.SyncBatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
-        """Every BatchNorm*d in module (torch's or hbn's) as hbn's SyncBatchNorm, sharing its
+        """Every batch norm in module (torch's or hbn's) as hbn's SyncBatchNorm, sharing its
         parameters and buffers, as torch.nn.SyncBatchNorm.convert_sync_batchnorm does with
         torch's."""
-        converted = module
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group)
-            if module.affine:
-                converted.weight, converted.bias = module.weight, module.bias
-            converted.running_mean = module.running_mean
-            converted.running_var = module.running_var
-            converted.num_batches_tracked = module.num_batches_tracked
-        for name, child in module.named_children():
-            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
-        return converted
+        return _replace_batch_norms(module, lambda old: cls(
+            old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
+            process_group))
+
+
+def _replace_batch_norms(module, make):
+    """module with each batch norm in it (itself included) replaced by make(old), which then
+    shares old's parameters and buffers."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        replacement = make(module)
+        if module.affine:
+            replacement.weight, replacement.bias = module.weight, module.bias
+        replacement.running_mean = module.running_mean
+        replacement.running_var = module.running_var
+        replacement.num_batches_tracked = module.num_batches_tracked
+        module = replacement
+    for name, child in module.named_children():
+        module.add_module(name, _replace_batch_norms(child, make))
+    return module
+
+
+def convert_batch_norm(module):
+    """Every torch.nn.BatchNorm1d, 2d, 3d and SyncBatchNorm in module (itself included) as
+    hbn's, sharing its parameters and buffers: a model's batch norms moved onto hbn in place."""
+    def make(old):
+        hbn_class = next(new for torch_class, new in _HBN_CLASSES if isinstance(old, torch_class))
+        arguments = (old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats)
+        if hbn_class is SyncBatchNorm:
+            return SyncBatchNorm(*arguments, old.process_group)
+        return hbn_class(*arguments)
+
+    return _replace_batch_norms(module, make)
+
+
+# torch's batch norms and hbn's, most derived first: hbn's subclass torch's, so an hbn
+# module maps to its own class.
+_HBN_CLASSES = [(torch.nn.SyncBatchNorm, SyncBatchNorm), (torch.nn.BatchNorm3d, BatchNorm3d),
+                (torch.nn.BatchNorm2d, BatchNorm2d), (torch.nn.BatchNorm1d, BatchNorm1d)]

@@ -549,3 +549,28 @@ def test_convert_sync_batchnorm_makes_hbn_modules_sharing_state():
     x = random_input((4, 3, 6, 6), seed=90)
     assert_close(converted(x), reference(x.double()), FLOAT32, msg="output")
     assert_buffers_match(synced[1], reference[2][0])
+
+
+def test_convert_batch_norm_moves_every_batch_norm_onto_hbn():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None),
+                          nn.Sequential(nn.BatchNorm2d(4, affine=False), nn.SyncBatchNorm(4)),
+                          nn.Flatten(2), nn.BatchNorm1d(4))
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None),
+                              nn.Sequential(nn.BatchNorm2d(4, affine=False), nn.BatchNorm2d(4)),
+                              nn.Flatten(2), nn.BatchNorm1d(4))
+    reference.load_state_dict(model.state_dict())
+    reference.double()
+    before = [model[1], model[2][0], model[2][1], model[4]]
+    converted = ht.convert_batch_norm(model)
+    after = [converted[1], converted[2][0], converted[2][1], converted[4]]
+    assert [type(m) for m in after] == [ht.BatchNorm2d, ht.BatchNorm2d, ht.SyncBatchNorm,
+                                        ht.BatchNorm1d]
+    for old, new in zip(before, after):
+        assert new.weight is old.weight and new.running_mean is old.running_mean
+        assert (new.momentum, new.affine, new.eps) == (old.momentum, old.affine, old.eps)
+    for step in range(2):
+        x = random_input((4, 3, 6, 6), seed=100 + step)
+        assert_close(converted(x), reference(x.double()), FLOAT32, msg=f"step {step}")
+    for new, old in zip(after, [reference[1], reference[2][0], reference[2][1], reference[4]]):
+        assert_buffers_match(new, old)
