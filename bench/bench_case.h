@@ -13,6 +13,18 @@
 
 namespace bench {
 
+// The inputs' values: uniform in [lo, hi), from a splitmix64 stream, the
+// same on every machine.
+inline uint64_t splitmix(uint64_t &s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+inline float uniform(uint64_t &s, float lo, float hi) {
+    return lo + (hi - lo) * static_cast<float>(splitmix(s) >> 40) * 0x1p-24f;
+}
+
 constexpr double kMomentum = 0.1;
 constexpr double kEps = 1e-5;
 

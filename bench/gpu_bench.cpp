@@ -45,6 +45,8 @@
 //   --filter F   only the cases whose name contains F (copies always run).
 // Exits 77, after printing "CUDA benchmark skipped: <why>", where hbn's CUDA
 // backend is not usable; 1 if any case failed; else 0.
+#include "bench_case.h"  // uniform
+
 #include <hbn/batch_norm.h>
 
 #include <dlfcn.h>
@@ -61,6 +63,8 @@
 #include <vector>
 
 namespace {
+
+using bench::uniform;
 
 // ---- The CUDA driver API, as far as it is used ----
 using CUresult = int;
@@ -331,15 +335,6 @@ uint16_t half_bits(float f) {
     return static_cast<uint16_t>(sign | (static_cast<uint32_t>(exponent) << 10) | ((b >> 13) & 0x3ffu));
 }
 
-uint64_t splitmix(uint64_t &s) {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-float uniform(uint64_t &s, float lo, float hi) {
-    return lo + (hi - lo) * static_cast<float>(splitmix(s) >> 40) * 0x1p-24f;
-}
 
 // Fills `bytes` of device memory at `dst` with uniform [lo, hi) values of
 // the dtype: a 16 MiB random pattern, repeated.
