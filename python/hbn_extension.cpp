@@ -41,8 +41,9 @@ struct View {
     py::object capsule;
 };
 
-// Strides in elements; hbn reads dense, row-major memory only. Extents of 1 may carry any stride (NumPy and PyTorch
-// both give such axes arbitrary strides).
+// Strides in elements; hbn reads dense, row-major memory only. Extents of 1
+// may carry any stride (NumPy and PyTorch both give such axes arbitrary
+// strides).
 bool is_row_major(const std::vector<int64_t> &shape, const std::vector<int64_t> &strides) {
     if (std::find(shape.begin(), shape.end(), 0) != shape.end()) {
         return true;  // no elements (PyTorch gives empty tensors arbitrary strides)
@@ -204,15 +205,24 @@ View view_of_optional(const char *name, const py::object &source) {
     return source.is_none() ? View{} : view_of(name, source);
 }
 
-// A new array of `like`'s kind: a PyTorch tensor for a PyTorch tensor, else
-// a NumPy array.
-View new_like(const char *name, const View &like, const std::vector<int64_t> &shape, hbn::DType dtype) {
+// A new dense array of `like`'s kind: a PyTorch tensor for a PyTorch tensor,
+// else a NumPy array. Made here, it needs no checks: only its data pointer is
+// read.
+View new_like(const View &like, const std::vector<int64_t> &shape, hbn::DType dtype) {
+    View view;
+    view.tensor.dtype = dtype;
+    view.tensor.shape = shape;
+    view.torch = like.torch;
     if (like.torch) {
         const py::object &torch_dtype = dtype == hbn::DType::Float16 ? like.torch->float16 : like.torch->float32;
-        return view_of_torch(name, like.torch->empty(py::cast(shape), py::arg("dtype") = torch_dtype),
-                             *like.torch);
+        view.source = like.torch->empty(py::cast(shape), py::arg("dtype") = torch_dtype);
+        view.tensor.data = reinterpret_cast<void *>(view.source.attr("data_ptr")().cast<uintptr_t>());
+    } else {
+        py::array array(numpy_dtype(dtype), shape);
+        view.tensor.data = array.mutable_data();
+        view.source = std::move(array);
     }
-    return view_of_numpy(name, py::array(numpy_dtype(dtype), shape), true);
+    return view;
 }
 
 std::vector<int64_t> per_channel_shape(const View &x, hbn::Layout layout) {
@@ -223,6 +233,7 @@ std::vector<int64_t> per_channel_shape(const View &x, hbn::Layout layout) {
     return {layout == hbn::Layout::NCHW ? shape[1] : shape.back()};
 }
 
+// Python's bool or NumPy's bool_ (whose type is only known by name here).
 bool is_bool(const py::object &value) {
     return PyBool_Check(value.ptr()) || type_name(value) == "bool_";
 }
@@ -238,6 +249,9 @@ bool bool_argument(const char *name, const py::object &value) {
 // A real number: Python's int and float, NumPy's scalars, a 0-d tensor
 // (whatever converts with __float__ or __index__), but not a bool.
 double real_argument(const char *name, const py::object &value) {
+    if (PyFloat_Check(value.ptr()) || (PyLong_Check(value.ptr()) && !PyBool_Check(value.ptr()))) {
+        return value.cast<double>();  // the usual case, without looking up a type name
+    }
     const PyNumberMethods *number = Py_TYPE(value.ptr())->tp_as_number;
     if (is_bool(value) || !number || !(number->nb_float || number->nb_index)) {
         fail(hbn::ErrorKind::TypeError, std::string(name) + " must be a float, got " + type_name(value));
@@ -321,7 +335,7 @@ py::object batch_norm(py::object input_x, py::object running_mean, py::object ru
     const View var = view_of("running_var", running_var, options.training);
     const View scale = view_of("weight", weight);
     const View shift = view_of("bias", bias);
-    const View output = new_like("output", x, x.tensor.shape, x.tensor.dtype);
+    const View output = new_like(x, x.tensor.shape, x.tensor.dtype);
     {
         py::gil_scoped_release unlocked;
         hbn::batch_norm(x.tensor, mean.tensor, var.tensor, scale.tensor, shift.tensor, output.tensor,
@@ -340,10 +354,10 @@ py::tuple batch_norm_training(py::object input_x, py::object running_mean, py::o
     const View var = view_of("running_var", running_var, true);
     const View scale = view_of("weight", weight);
     const View shift = view_of("bias", bias);
-    const View output = new_like("output", x, x.tensor.shape, x.tensor.dtype);
+    const View output = new_like(x, x.tensor.shape, x.tensor.dtype);
     const auto channels = per_channel_shape(x, options.layout);
-    const View saved_mean = new_like("saved_mean", x, channels, hbn::DType::Float32);
-    const View saved_inv_std = new_like("saved_inv_std", x, channels, hbn::DType::Float32);
+    const View saved_mean = new_like(x, channels, hbn::DType::Float32);
+    const View saved_inv_std = new_like(x, channels, hbn::DType::Float32);
     {
         py::gil_scoped_release unlocked;
         hbn::batch_norm_training(x.tensor, mean.tensor, var.tensor, scale.tensor, shift.tensor,
@@ -365,10 +379,10 @@ py::tuple batch_norm_backward(py::object grad_output, py::object input_x, py::ob
     const View var = view_of_optional("running_var", running_var);
     const View batch_mean = view_of_optional("saved_mean", saved_mean);
     const View inv_std = view_of_optional("saved_inv_std", saved_inv_std);
-    const View grad_input = new_like("grad_input", x, x.tensor.shape, x.tensor.dtype);
+    const View grad_input = new_like(x, x.tensor.shape, x.tensor.dtype);
     const auto channels = per_channel_shape(x, options.layout);
-    const View grad_weight = new_like("grad_weight", scale, channels, scale.tensor.dtype);
-    const View grad_bias = new_like("grad_bias", scale, channels, scale.tensor.dtype);
+    const View grad_weight = new_like(scale, channels, scale.tensor.dtype);
+    const View grad_bias = new_like(scale, channels, scale.tensor.dtype);
     {
         py::gil_scoped_release unlocked;
         hbn::batch_norm_backward(dy.tensor, x.tensor, scale.tensor, mean.tensor, var.tensor,

@@ -54,11 +54,14 @@ class _BatchNormFunction(torch.autograd.Function):
             y, saved_mean, saved_inv_std = _hbn.batch_norm_training(
                 x, running_mean, running_var, weight, bias, momentum, eps, data_format, _DEVICE,
                 all_reduce)
-            ctx.save_for_backward(input, weight, saved_mean, saved_inv_std)
+            ctx.save_for_backward(x, weight, saved_mean, saved_inv_std)
         else:
             y = _hbn.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
                                 data_format, _DEVICE, None)
-            ctx.save_for_backward(input, weight, running_mean, running_var)
+            ctx.save_for_backward(x, weight, running_mean, running_var)
+        # The view hbn read (a copy where input had another layout), so that the
+        # backward reads the same without copying again.
+        ctx.data_format, ctx.order = data_format, order
         ctx.training = training
         ctx.eps = eps
         ctx.all_reduce = all_reduce
@@ -67,8 +70,8 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        input, weight, mean, spread = ctx.saved_tensors
-        x, data_format, order = _hbn_view(input)
+        x, weight, mean, spread = ctx.saved_tensors
+        data_format, order = ctx.data_format, ctx.order
         # grad_output in x's layout, whatever memory format it arrived in.
         dy = (grad_output.permute(order) if order else grad_output).contiguous()
         statistics = (None, None, mean, spread) if ctx.training else (mean, spread, None, None)
