@@ -28,6 +28,11 @@ std::string type_name(py::handle object) {
     return py::str(py::type::of(object).attr("__name__"));
 }
 
+// The TypeError of an array whose dtype hbn does not take.
+[[noreturn]] void fail_dtype(const char *name, const std::string &dtype) {
+    fail(hbn::ErrorKind::TypeError, std::string(name) + " must be float16 or float32, got " + dtype);
+}
+
 struct Torch;
 
 // An argument seen as an hbn::Tensor. `source` keeps its memory alive during
@@ -93,8 +98,7 @@ View view_of_dlpack(const char *name, py::object source) {
         const std::string code =
             t.dtype.code < 6 ? code_names[t.dtype.code] : "type code " + std::to_string(t.dtype.code);
         const std::string lanes = t.dtype.lanes > 1 ? "x" + std::to_string(t.dtype.lanes) : "";
-        fail(hbn::ErrorKind::TypeError, std::string(name) + " must be float16 or float32, got " + code +
-                                            std::to_string(t.dtype.bits) + lanes);
+        fail_dtype(name, code + std::to_string(t.dtype.bits) + lanes);
     }
     view.tensor.dtype = t.dtype.bits == 16 ? hbn::DType::Float16 : hbn::DType::Float32;
     view.tensor.shape.assign(t.shape, t.shape + t.ndim);
@@ -146,8 +150,7 @@ View view_of_torch(const char *name, py::object source, const Torch &torch) {
     } else if (dtype.is(torch.float32)) {
         view.tensor.dtype = hbn::DType::Float32;
     } else {
-        fail(hbn::ErrorKind::TypeError,
-             std::string(name) + " must be float16 or float32, got " + std::string(py::str(dtype)));
+        fail_dtype(name, py::str(dtype));
     }
     view.tensor.shape = source.attr("shape").cast<std::vector<int64_t>>();
     check_row_major(name, view.tensor.shape, source.attr("stride")().cast<std::vector<int64_t>>());
@@ -161,8 +164,7 @@ View view_of_torch(const char *name, py::object source, const Torch &torch) {
 View view_of_numpy(const char *name, py::array array, bool written) {
     const py::dtype dtype = array.dtype();
     if (dtype.kind() != 'f' || (dtype.itemsize() != 2 && dtype.itemsize() != 4)) {
-        fail(hbn::ErrorKind::TypeError,
-             std::string(name) + " must be float16 or float32, got " + std::string(py::str(py::handle(dtype))));
+        fail_dtype(name, py::str(py::handle(dtype)));
     }
     if (written && !array.writeable()) {
         fail(hbn::ErrorKind::ValueError, std::string(name) + " is read-only, but this call writes it");
