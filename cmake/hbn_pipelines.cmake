@@ -284,6 +284,25 @@ function(hbn_add_pipeline consumer pipeline data_type layout variant)
     set_property(GLOBAL APPEND PROPERTY HBN_KERNEL_HEADERS ${name}.h)
 endfunction()
 
+# The data types of the kernels, each <generator data_type>:<hbn::DType
+# enumerator>. Every pipeline, layout and variant is built for each, and the
+# runtime's kernel tables follow (hbn_kernels.h's HBN_FOR_EACH_DATA_TYPE).
+set(HBN_DATA_TYPES float32:Float32 float16:Float16 bfloat16:BFloat16)
+
+# hbn_add_pipelines(<consumer>): every library, in <consumer>.
+function(hbn_add_pipelines consumer)
+    foreach (pipeline IN ITEMS inference training backward grad_input)
+        foreach (data_type IN LISTS HBN_DATA_TYPES)
+            string(REGEX REPLACE ":.*" "" data_type "${data_type}")
+            foreach (layout IN ITEMS nchw nhwc)
+                foreach (variant IN ITEMS parallel serial ${HBN_GPU_BACKENDS})
+                    hbn_add_pipeline(${consumer} ${pipeline} ${data_type} ${layout} ${variant})
+                endforeach ()
+            endforeach ()
+        endforeach ()
+    endforeach ()
+endfunction()
+
 # Writes hbn_kernels.h, which includes every generated header and defines
 # HBN_BACKEND_<NAME> for each GPU backend built.
 function(hbn_write_kernel_header)
@@ -301,6 +320,13 @@ function(hbn_write_kernel_header)
         endif ()
         string(APPEND text "#define HBN_CUDA_CAPABILITY ${capability}\n")
     endif ()
+    # X(<data_type>, <DType enumerator>) for each data type.
+    set(data_types "")
+    foreach (data_type IN LISTS HBN_DATA_TYPES)
+        string(REPLACE ":" ", " data_type "${data_type}")
+        string(APPEND data_types " X(${data_type})")
+    endforeach ()
+    string(APPEND text "#define HBN_FOR_EACH_DATA_TYPE(X)${data_types}\n")
     foreach (header IN LISTS headers)
         string(APPEND text "#include \"${header}\"\n")
     endforeach ()

@@ -58,7 +58,7 @@ public:
                                     sums(c)[1] * inv_std(c) / count, inv_std(c));
         const GradInputTerms t(terms(c));
         const Expr dy = load_float(grad_output(v.args)), x = load_float(input(v.args));
-        const BothPrecisions trained = training_grad_input(dy, x, mean(c), t, is_float16());
+        const BothPrecisions trained = training_grad_input(dy, x, mean(c), t, is_16_bit());
         const Expr dx_f64 = select(training, trained.f64, t.scale.f64 * dy);
         const Expr dx_f32 = select(training, trained.f32, t.scale.f32 * dy);
         output(v.args) = to_storage(select(in_double, cast<float>(dx_f64), dx_f32));

@@ -5,7 +5,7 @@
 
 #include "Halide.h"
 #include "checked_in_schedule.h"
-#include "float16_conversions.h"
+#include "data_types.h"
 
 #include <map>
 #include <string>
@@ -80,7 +80,7 @@ Expr values_per_channel(const InputBuffer &input, Layout layout) {
 template<typename T>
 class BatchNormGenerator : public Generator<T> {
 public:
-    GeneratorParam<Type> data_type{"data_type", Float(32)};
+    GeneratorParam<DataType> data_type{"data_type", DataType::Float32, data_type_names};
     GeneratorParam<Layout> layout{"layout", Layout::NCHW, layout_names};
     // Every pipeline is also built serial: the runtime runs tiny tensors on
     // it, since waking the thread pool costs more than their work. A build
@@ -96,29 +96,27 @@ public:
     GeneratorOutput<Buffer<>> output{"output"};
 
     void configure() {
-        input.set_type(storage_type());
+        input.set_type(storage_type(data_type));
         input.set_dimensions(data_dimensions(layout));
-        output.set_type(storage_type());
+        output.set_type(storage_type(data_type));
         output.set_dimensions(data_dimensions(layout));
-        if (is_float16()) {
+        if (data_type == DataType::Float16) {
             link_float16_conversions(*this->get_externs_map(), this->get_target());
         }
     }
 
 protected:
-    // float16 data is stored as its bits (see float16_conversions.h).
-    bool is_float16() const {
-        return Type(data_type) == Float(16);
-    }
-    Type storage_type() const {
-        return is_float16() ? UInt(16) : Type(data_type);
+    // float16 and bfloat16: a 16-bit type, whose output rounding (2^-11,
+    // 2^-8) dwarfs float32 arithmetic's error.
+    bool is_16_bit() const {
+        return data_type != DataType::Float32;
     }
     // A stored data value as float32, and a float32 value as stored.
     Expr load_float(const Expr &stored) const {
-        return is_float16() ? float16_bits_to_float32(stored, this->get_target()) : cast<float>(stored);
+        return load_as_float32(data_type, stored, this->get_target());
     }
     Expr to_storage(const Expr &value) const {
-        return is_float16() ? float32_to_float16_bits(value, this->get_target()) : cast(data_type, value);
+        return store_from_float32(data_type, value, this->get_target());
     }
 
     // Estimates: the mid-size benchmark tensor, 32x64x56x56.

@@ -29,7 +29,7 @@ public:
         Func terms{"terms"};
         terms(c) = grad_input_terms(scale(c), mean_dy(c), slope(c), inv_std(c));
         const Expr dy = load_float(grad_output(v.args)), x = load_float(input(v.args));
-        const BothPrecisions dx = training_grad_input(dy, x, mean(c), GradInputTerms(terms(c)), is_float16());
+        const BothPrecisions dx = training_grad_input(dy, x, mean(c), GradInputTerms(terms(c)), is_16_bit());
         output(v.args) = to_storage(select(in_double, cast<float>(dx.f64), dx.f32));
 
         // Estimates

@@ -16,7 +16,7 @@ public:
 
     void configure() {
         BatchNormGenerator<T>::configure();
-        grad_output.set_type(this->storage_type());
+        grad_output.set_type(storage_type(this->data_type));
         grad_output.set_dimensions(data_dimensions(this->layout));
     }
 
@@ -57,9 +57,9 @@ struct BothPrecisions {
 // offset's last bits (dy = 1e3 + N(0, 1): 3e-5 in grad_input values of ~3). A
 // float32 pair hi + lo does not survive compilation: Halide's simplifier, and
 // LLVM under the fast-math flags Halide 14 sets, turn (dy - hi) - lo into
-// dy - (hi + lo). float16 data (`centered_in_float`) keeps it in float32: its
-// output's rounding (2^-11) dwarfs that error, and the conversions would cost
-// the compute-bound float16 pass.
+// dy - (hi + lo). 16-bit data (`centered_in_float`) keeps it in float32: its
+// output's rounding (2^-11 or 2^-8) dwarfs that error, and the conversions would cost
+// the compute-bound 16-bit passes.
 inline BothPrecisions training_grad_input(const Expr &dy, const Expr &x, const Expr &mean, const GradInputTerms &t,
                                           bool centered_in_float) {
     const Expr f64 = t.scale.f64 * ((cast<double>(dy) - t.mean_dy.f64) -

@@ -30,7 +30,8 @@ std::string type_name(py::handle object) {
 
 // The TypeError of an array whose dtype hbn does not take.
 [[noreturn]] void fail_dtype(const char *name, const std::string &dtype) {
-    fail(hbn::ErrorKind::TypeError, std::string(name) + " must be float16 or float32, got " + dtype);
+    fail(hbn::ErrorKind::TypeError,
+         std::string(name) + " must be float16, float32 or (a PyTorch tensor) bfloat16, got " + dtype);
 }
 
 struct Torch;
@@ -113,7 +114,15 @@ View view_of_dlpack(const char *name, py::object source) {
 // argument can be a PyTorch tensor), and kept for the process's life: a
 // static py::object would be destroyed after the interpreter.
 struct Torch {
-    py::object tensor, float16, float32, empty;
+    py::object tensor, float16, float32, bfloat16, empty;
+
+    const py::object &dtype_of(hbn::DType dtype) const {
+        switch (dtype) {
+        case hbn::DType::Float16: return float16;
+        case hbn::DType::BFloat16: return bfloat16;
+        default: return float32;
+        }
+    }
 };
 
 const Torch *imported_torch() {
@@ -121,7 +130,8 @@ const Torch *imported_torch() {
     if (!torch) {
         if (PyObject *module = PyDict_GetItemString(PyImport_GetModuleDict(), "torch")) {
             const py::handle m(module);
-            torch = new Torch{m.attr("Tensor"), m.attr("float16"), m.attr("float32"), m.attr("empty")};
+            torch = new Torch{m.attr("Tensor"), m.attr("float16"), m.attr("float32"), m.attr("bfloat16"),
+                              m.attr("empty")};
         }
     }
     return torch;
@@ -149,6 +159,8 @@ View view_of_torch(const char *name, py::object source, const Torch &torch) {
         view.tensor.dtype = hbn::DType::Float16;
     } else if (dtype.is(torch.float32)) {
         view.tensor.dtype = hbn::DType::Float32;
+    } else if (dtype.is(torch.bfloat16)) {
+        view.tensor.dtype = hbn::DType::BFloat16;
     } else {
         fail_dtype(name, py::str(dtype));
     }
@@ -216,8 +228,7 @@ View new_like(const View &like, const std::vector<int64_t> &shape, hbn::DType dt
     view.tensor.shape = shape;
     view.torch = like.torch;
     if (like.torch) {
-        const py::object &torch_dtype = dtype == hbn::DType::Float16 ? like.torch->float16 : like.torch->float32;
-        view.source = like.torch->empty(py::cast(shape), py::arg("dtype") = torch_dtype);
+        view.source = like.torch->empty(py::cast(shape), py::arg("dtype") = like.torch->dtype_of(dtype));
         view.tensor.data = reinterpret_cast<void *>(view.source.attr("data_ptr")().cast<uintptr_t>());
     } else {
         py::array array(numpy_dtype(dtype), shape);

@@ -3,7 +3,7 @@
 #pragma once
 
 #include "HalideRuntime.h"
-#include "float16.h"
+#include "dtypes.h"
 #include "hbn/batch_norm.h"
 #include "partition.h"
 
@@ -16,14 +16,6 @@
 #include <vector>
 
 namespace hbn::internal {
-
-// Every kernel takes float16 data as its bits (see generators/float16_conversions.h).
-inline halide_type_t halide_type_of(DType dtype) {
-    if (dtype == DType::Float16) {
-        return {halide_type_uint, 16, 1};
-    }
-    return {halide_type_float, 32, 1};
-}
 
 struct HalideBuffer {
     halide_buffer_t buffer{};
@@ -107,15 +99,17 @@ double largest_magnitude(const T *values, int64_t count) {
 }
 
 // A per-channel parameter as float32: the caller's memory when it already is,
-// a converted copy when it is float16.
+// a converted copy otherwise.
 class ChannelFloats {
 public:
     ChannelFloats(const Tensor &t, int64_t channels) {
         if (t.dtype == DType::Float32) {
             data_ = static_cast<const float *>(t.data);
         } else {
-            const auto *half = static_cast<const float16 *>(t.data);
-            copy_.assign(half, half + channels);
+            copy_.resize(channels);
+            for (int64_t c = 0; c < channels; c++) {
+                copy_[c] = load_channel_value(t.dtype, t.data, c);
+            }
             data_ = copy_.data();
         }
         channels_ = channels;
@@ -137,11 +131,7 @@ inline bool fits_float(double value) {
 
 // Writes `value` into element c of a per-channel tensor, in its dtype.
 inline void store_channel(const Tensor &t, int64_t c, double value) {
-    if (t.dtype == DType::Float32) {
-        static_cast<float *>(t.data)[c] = static_cast<float>(value);
-    } else {
-        static_cast<float16 *>(t.data)[c] = static_cast<float16>(value);
-    }
+    store_channel_value(t.dtype, t.data, c, value);
 }
 
 }  // namespace hbn::internal

@@ -1,50 +1,62 @@
 #include "kernels.h"
 
+#include "dtypes.h"
 #include "hbn_kernels.h"
 #include "streamed_output.h"
+
+#include <array>
 
 namespace hbn::internal {
 namespace {
 
-// CPU kernels, indexed by [dtype][nchw][parallel].
-#define HBN_CPU_KERNELS(pipeline, type)                                                         \
-    {                                                                                           \
-        {hbn_batch_norm_##pipeline##_##type##_nhwc_serial,                                      \
-         hbn_batch_norm_##pipeline##_##type##_nhwc_parallel},                                   \
-        {hbn_batch_norm_##pipeline##_##type##_nchw_serial,                                      \
-         hbn_batch_norm_##pipeline##_##type##_nchw_parallel},                                   \
+// The four kernels of one data type, layout and variant, and of both
+// layouts, indexed by [nchw].
+#define HBN_KERNELS(type, layout, variant)                                                      \
+    Kernels {                                                                                   \
+        hbn_batch_norm_inference_##type##_##layout##_##variant,                                 \
+            hbn_batch_norm_training_##type##_##layout##_##variant,                              \
+            hbn_batch_norm_backward_##type##_##layout##_##variant,                              \
+            hbn_batch_norm_grad_input_##type##_##layout##_##variant                             \
     }
-constexpr InferenceFn cpu_inference_fns[2][2][2] = {HBN_CPU_KERNELS(inference, float16),
-                                                    HBN_CPU_KERNELS(inference, float32)};
-constexpr TrainingFn cpu_training_fns[2][2][2] = {HBN_CPU_KERNELS(training, float16),
-                                                  HBN_CPU_KERNELS(training, float32)};
-constexpr BackwardFn cpu_backward_fns[2][2][2] = {HBN_CPU_KERNELS(backward, float16),
-                                                  HBN_CPU_KERNELS(backward, float32)};
-constexpr GradInputFn cpu_grad_input_fns[2][2][2] = {HBN_CPU_KERNELS(grad_input, float16),
-                                                     HBN_CPU_KERNELS(grad_input, float32)};
-#undef HBN_CPU_KERNELS
+using ByLayout = std::array<Kernels, 2>;
+#define HBN_BY_LAYOUT(type, variant) ByLayout{HBN_KERNELS(type, nhwc, variant), HBN_KERNELS(type, nchw, variant)}
 
-// GPU kernels of a backend, indexed by [dtype][nchw].
-#define HBN_GPU_KERNELS(pipeline, backend)                                                      \
-    {                                                                                           \
-        {hbn_batch_norm_##pipeline##_float16_nhwc_##backend,                                    \
-         hbn_batch_norm_##pipeline##_float16_nchw_##backend},                                   \
-        {hbn_batch_norm_##pipeline##_float32_nhwc_##backend,                                    \
-         hbn_batch_norm_##pipeline##_float32_nchw_##backend},                                   \
-    }
+// Every kernel of one data type, by variant.
+struct DataTypeKernels {
+    ByLayout serial, parallel;
 #ifdef HBN_BACKEND_OPENCL
-constexpr InferenceFn opencl_inference_fns[2][2] = HBN_GPU_KERNELS(inference, opencl);
-constexpr TrainingFn opencl_training_fns[2][2] = HBN_GPU_KERNELS(training, opencl);
-constexpr BackwardFn opencl_backward_fns[2][2] = HBN_GPU_KERNELS(backward, opencl);
-constexpr GradInputFn opencl_grad_input_fns[2][2] = HBN_GPU_KERNELS(grad_input, opencl);
+    ByLayout opencl;
+#define HBN_OPENCL_KERNELS(type, entry) entry.opencl = HBN_BY_LAYOUT(type, opencl);
+#else
+#define HBN_OPENCL_KERNELS(type, entry)
 #endif
 #ifdef HBN_BACKEND_CUDA
-constexpr InferenceFn cuda_inference_fns[2][2] = HBN_GPU_KERNELS(inference, cuda);
-constexpr TrainingFn cuda_training_fns[2][2] = HBN_GPU_KERNELS(training, cuda);
-constexpr BackwardFn cuda_backward_fns[2][2] = HBN_GPU_KERNELS(backward, cuda);
-constexpr GradInputFn cuda_grad_input_fns[2][2] = HBN_GPU_KERNELS(grad_input, cuda);
+    ByLayout cuda;
+#define HBN_CUDA_KERNELS(type, entry) entry.cuda = HBN_BY_LAYOUT(type, cuda);
+#else
+#define HBN_CUDA_KERNELS(type, entry)
 #endif
-#undef HBN_GPU_KERNELS
+};
+
+// Indexed by DType: the build's data types (HBN_DATA_TYPES) fill it.
+constexpr auto kernels_by_dtype = [] {
+    std::array<DataTypeKernels, dtype_infos.size()> table{};
+#define HBN_DATA_TYPE(type, dtype)                                                              \
+    {                                                                                           \
+        DataTypeKernels &entry = table[dtype_index(DType::dtype)];                              \
+        entry.serial = HBN_BY_LAYOUT(type, serial);                                             \
+        entry.parallel = HBN_BY_LAYOUT(type, parallel);                                         \
+        HBN_OPENCL_KERNELS(type, entry)                                                         \
+        HBN_CUDA_KERNELS(type, entry)                                                           \
+    }
+    HBN_FOR_EACH_DATA_TYPE(HBN_DATA_TYPE)
+#undef HBN_DATA_TYPE
+    return table;
+}();
+#undef HBN_CUDA_KERNELS
+#undef HBN_OPENCL_KERNELS
+#undef HBN_BY_LAYOUT
+#undef HBN_KERNELS
 
 // Below this many elements a CPU call runs on the serial kernels: waking the
 // thread pool costs more than the work.
@@ -53,25 +65,21 @@ constexpr int64_t serial_threshold = 16 * 1024;
 }  // namespace
 
 Kernels kernels_for(Device device, DType dtype, const Slice &slice) {
-    const int type = dtype == DType::Float32 ? 1 : 0;
+    const DataTypeKernels &of_dtype = kernels_by_dtype[dtype_index(dtype)];
     const bool nchw = slice.nchw();
 #ifdef HBN_BACKEND_OPENCL
     if (device == Device::OpenCL) {
-        return {opencl_inference_fns[type][nchw], opencl_training_fns[type][nchw], opencl_backward_fns[type][nchw],
-                opencl_grad_input_fns[type][nchw]};
+        return of_dtype.opencl[nchw];
     }
 #endif
 #ifdef HBN_BACKEND_CUDA
     if (device == Device::CUDA) {
-        return {cuda_inference_fns[type][nchw], cuda_training_fns[type][nchw], cuda_backward_fns[type][nchw],
-                cuda_grad_input_fns[type][nchw]};
+        return of_dtype.cuda[nchw];
     }
 #endif
-    const bool parallel = slice.elements() >= serial_threshold;
-    Kernels kernels{cpu_inference_fns[type][nchw][parallel], cpu_training_fns[type][nchw][parallel],
-                    cpu_backward_fns[type][nchw][parallel], cpu_grad_input_fns[type][nchw][parallel]};
+    Kernels kernels = slice.elements() >= serial_threshold ? of_dtype.parallel[nchw] : of_dtype.serial[nchw];
     if (streams_output(dtype, slice)) {
-        kernels.streamed_chunk = cpu_inference_fns[type][nchw][false];
+        kernels.streamed_chunk = of_dtype.serial[nchw].inference;
     }
     return kernels;
 }

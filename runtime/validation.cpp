@@ -1,6 +1,6 @@
 #include "validation.h"
 
-#include "buffers.h"      // halide_type_of
+#include "dtypes.h"
 #include "halide_call.h"  // fail
 #include "partition.h"    // needs_slices
 
@@ -13,14 +13,6 @@
 
 namespace hbn::internal {
 namespace {
-
-const char *dtype_name(DType dtype) {
-    return dtype == DType::Float16 ? "Float16" : "Float32";
-}
-
-bool valid_dtype(DType dtype) {
-    return dtype == DType::Float16 || dtype == DType::Float32;
-}
 
 int64_t element_bytes(DType dtype) {
     return halide_type_of(dtype).bytes();
@@ -237,7 +229,7 @@ void check_options(const BatchNormOptions &options) {
 
 void check_dtype(const Tensor &t, const char *name) {
     if (!valid_dtype(t.dtype)) {
-        fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float16 or Float32");
+        fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float16, Float32 or BFloat16");
     }
 }
 

@@ -261,14 +261,13 @@ TEST_P(OpenCLMemory, ZeroCopyMatchesReference) {
 std::string memory_case_name(const ::testing::TestParamInfo<OpenCLMemory::ParamType> &info) {
     const auto [layout, dtype, training, in_place] = info.param;
     return std::string(layout == Layout::NCHW ? "nchw" : "nhwc") +
-           (dtype == DType::Float32 ? "_f32" : "_f16") + (training ? "_training" : "_inference") +
+           "_f" + dtype_tag(dtype) + (training ? "_training" : "_inference") +
            (in_place ? "_in_place" : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(OpenCL, OpenCLMemory,
                          ::testing::Combine(::testing::Values(Layout::NCHW, Layout::NHWC),
-                                            ::testing::Values(DType::Float32, DType::Float16),
-                                            ::testing::Bool(), ::testing::Bool()),
+                                            ::testing::ValuesIn(all_dtypes), ::testing::Bool(), ::testing::Bool()),
                          memory_case_name);
 
 // An error inside Halide's OpenCL runtime (here the kernel build, which

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "reference.h"
+#include "test_dtypes.h"
 
 #include <hbn/batch_norm.h>
 
@@ -10,15 +11,6 @@
 #include <vector>
 
 namespace hbn_test {
-
-constexpr double unit_roundoff32 = 0x1p-24;  // float32's
-
-// One rounding to `dtype`, relative, with a factor 2 to spare: float32's
-// unit roundoff is 2^-24, float16's 2^-11 (a value computed in float32 may
-// land on the other side of a float16 tie).
-inline double storage_rounding(hbn::DType dtype) {
-    return dtype == hbn::DType::Float32 ? 2 * unit_roundoff32 : 0x1p-10;
-}
 
 // grad_input is weight * inv_std times a difference of terms, which may
 // cancel, so its float32 error is relative to the terms, not to the result:
@@ -29,7 +21,7 @@ inline std::vector<double> grad_input_bounds(const ReferenceBackward &r, hbn::DT
     std::vector<double> bounds(r.grad_input.size());
     for (size_t i = 0; i < bounds.size(); i++) {
         bounds[i] = 8 * unit_roundoff32 * r.grad_input_terms[i] + storage_rounding(dtype) * std::abs(r.grad_input[i]) +
-                    (dtype == hbn::DType::Float16 ? 0x1p-24 : 0);
+                    denormal_spacing(dtype);
     }
     return bounds;
 }

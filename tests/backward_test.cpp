@@ -72,7 +72,7 @@ INSTANTIATE_TEST_SUITE_P(Backward, BackwardMatrix, matrix_params(), matrix_name)
 TEST(Backward, GradInputMayBeGradOutput) {
     for (bool training : {false, true}) {
         for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-            for (DType dtype : {DType::Float32, DType::Float16}) {
+            for (DType dtype : all_dtypes) {
                 BackwardCase t({4, 11, 9, 10}, layout, dtype, DType::Float32, training, 5);
                 const ReferenceBackward expected = t.reference();
                 BackwardCase::Views v = t.views();
@@ -172,7 +172,7 @@ TEST(Backward, EachGradientMayBeSkipped) {
 
 TEST(Backward, InferenceWithOneValuePerChannel) {
     for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-        for (DType param_dtype : {DType::Float32, DType::Float16}) {
+        for (DType param_dtype : all_dtypes) {
             BackwardCase t({1, 7}, layout, DType::Float32, param_dtype, false, 19);
             const ReferenceBackward expected = t.reference();
             t.run();
@@ -187,7 +187,7 @@ TEST(Backward, EmptyInputInInferenceGivesZeroParameterGradients) {
     for (const auto &[shape, layout] : {std::pair{std::vector<int64_t>{0, 3, 4}, Layout::NCHW},
                                         std::pair{std::vector<int64_t>{2, 3, 0}, Layout::NCHW},
                                         std::pair{std::vector<int64_t>{2, 0, 5}, Layout::NHWC}}) {
-        for (DType param_dtype : {DType::Float32, DType::Float16}) {
+        for (DType param_dtype : all_dtypes) {
             BackwardCase t(shape, layout, DType::Float32, param_dtype, false);
             const auto channels = static_cast<size_t>(Geometry(shape, layout).channels);
             ASSERT_NO_THROW(t.run()) << shape_name(shape);
@@ -244,7 +244,7 @@ TEST(Backward, NaNSpreadsOnlyWithinItsChannel) {
     const double nan = std::numeric_limits<double>::quiet_NaN();
     for (bool in_dy : {false, true}) {
         for (int64_t k : {0, 7}) {
-            for (DType dtype : {DType::Float32, DType::Float16}) {
+            for (DType dtype : all_dtypes) {
                 for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
                     for (bool training : {false, true}) {
                         BackwardCase t({3, 6, 5, 5}, layout, dtype, DType::Float32, training, 17);
@@ -262,7 +262,7 @@ TEST(Backward, NaNSpreadsOnlyWithinItsChannel) {
                         t.run();
                         const std::string what = std::string(in_dy ? "NaN in dy" : "NaN in x") + " at value " +
                                                  std::to_string(k) +
-                                                 (dtype == DType::Float32 ? ", float32 " : ", float16 ") +
+                                                 ", " + dtype_label(dtype) + " " +
                                                  case_name(layout, training);
                         expect_gradients(t, expected, what);
                     }

@@ -1,7 +1,8 @@
 // Numerically hard statistics: a large offset with a small spread (where
 // E[x^2] - E[x]^2 in float32 cancels catastrophically) and channels of more
 // than 2^24 values (where float32 counts and running sums stall). And the
-// float16 conversions, exactly: every value in, and rounding on the way out.
+// float16 and bfloat16 conversions, exactly: every value in, and rounding on
+// the way out.
 #include "test_util.h"
 
 #include <cctype>
@@ -58,44 +59,67 @@ TEST_P(LargeOffset, MoreThan2To24ValuesPerChannel) {
 INSTANTIATE_TEST_SUITE_P(Numerics, LargeOffset, ::testing::Values(Layout::NCHW, Layout::NHWC),
                          [](const auto &info) { return info.param == Layout::NCHW ? "nchw" : "nhwc"; });
 
-// The value of float16 bits, decoded by hand, to enumerate every float16.
-double float16_value(uint16_t bits) {
-    const int exponent = (bits >> 10) & 0x1f;
-    const int significand = bits & 0x3ff;
-    const double magnitude = exponent == 0x1f ? (significand ? std::numeric_limits<double>::quiet_NaN()
-                                                             : std::numeric_limits<double>::infinity())
-                             : exponent == 0 ? std::ldexp(significand, -24)
-                                             : std::ldexp(1024 + significand, exponent - 25);
-    return (bits & 0x8000) ? -magnitude : magnitude;
-}
+// A 16-bit floating-point format, decoded and rounded to by hand from its
+// field widths, independently of the conversions under test.
+struct Format16 {
+    DType dtype;
+    int exponent_bits, fraction_bits;
 
-// The float16 nearest to v, ties to the even significand.
-double nearest_float16(double v) {
-    const double magnitude = std::abs(v);
-    if (std::isnan(v) || magnitude >= 65520) {  // 65520: halfway from 65504 to 2^16
-        return std::isnan(v) ? v : std::copysign(std::numeric_limits<double>::infinity(), v);
+    int bias() const { return (1 << (exponent_bits - 1)) - 1; }
+    int max_exponent_field() const { return (1 << exponent_bits) - 1; }
+    // The exponent of the denormals' spacing: 2^-24 (float16), 2^-133 (bfloat16).
+    int denormal_exponent() const { return 1 - bias() - fraction_bits; }
+
+    double value(uint16_t bits) const {
+        const int exponent = (bits >> fraction_bits) & max_exponent_field();
+        const int significand = bits & ((1 << fraction_bits) - 1);
+        const double magnitude =
+            exponent == max_exponent_field()
+                ? (significand ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity())
+            : exponent == 0 ? std::ldexp(significand, denormal_exponent())
+                            : std::ldexp((1 << fraction_bits) + significand, exponent - bias() - fraction_bits);
+        return (bits & 0x8000) ? -magnitude : magnitude;
     }
-    int exponent;
-    std::frexp(magnitude, &exponent);
-    // The float16 spacing at this magnitude: 2^-24 among the denormals.
-    const double spacing = std::ldexp(1.0, std::max(exponent - 11, -24));
-    return std::copysign(std::nearbyint(magnitude / spacing) * spacing, v);  // ties to even
-}
 
-class Float16Conversions : public ::testing::TestWithParam<Layout> {};
+    // The value nearest to v, ties to the even significand.
+    double nearest(double v) const {
+        const double magnitude = std::abs(v);
+        // Halfway from the largest finite value to the next power of two.
+        const double overflow = std::ldexp((2 << fraction_bits) - 0.5, max_exponent_field() - 1 - bias() - fraction_bits);
+        if (std::isnan(v) || magnitude >= overflow) {
+            return std::isnan(v) ? v : std::copysign(std::numeric_limits<double>::infinity(), v);
+        }
+        int exponent;
+        std::frexp(magnitude, &exponent);
+        const double spacing = std::ldexp(1.0, std::max(exponent - fraction_bits - 1, denormal_exponent()));
+        return std::copysign(std::nearbyint(magnitude / spacing) * spacing, v);  // ties to even
+    }
+};
+
+constexpr Format16 float16_format{DType::Float16, 5, 10}, bfloat16_format{DType::BFloat16, 8, 7};
+
+class Conversions16 : public ::testing::TestWithParam<std::tuple<Format16, Layout>> {
+protected:
+    const Format16 &format() const { return std::get<0>(GetParam()); }
+    Layout layout() const { return std::get<1>(GetParam()); }
+};
 
 // y = x exactly (scale 1: running_var + eps == 1 in float32), so every one of
-// the 65536 float16 inputs must come back as itself.
-TEST_P(Float16Conversions, EveryValueComesBackUnchanged) {
+// the 65536 inputs must come back as itself.
+TEST_P(Conversions16, EveryValueComesBackUnchanged) {
     const int64_t channels = 16;
     std::vector<double> every_value(65536);
     for (size_t bits = 0; bits < every_value.size(); bits++) {
-        every_value[bits] = float16_value(static_cast<uint16_t>(bits));
+        every_value[bits] = format().value(static_cast<uint16_t>(bits));
     }
-    const std::vector<int64_t> shape = GetParam() == Layout::NCHW ? std::vector<int64_t>{2, channels, 2048}
-                                                                  : std::vector<int64_t>{4096, channels};
-    BatchNormCase t(shape, GetParam(), DType::Float16, DType::Float32, false);
-    t.x = HostTensor(DType::Float16, shape, every_value);
+    const std::vector<int64_t> shape = layout() == Layout::NCHW ? std::vector<int64_t>{2, channels, 2048}
+                                                                : std::vector<int64_t>{4096, channels};
+    BatchNormCase t(shape, layout(), format().dtype, DType::Float32, false);
+    t.x = HostTensor(format().dtype, shape, every_value);
+    ASSERT_EQ(t.x.values().size(), every_value.size());
+    for (size_t i = 0; i < every_value.size(); i += 4099) {  // the fixture stores what the decoder reads
+        ASSERT_TRUE(t.x.get(i) == every_value[i] || (std::isnan(t.x.get(i)) && std::isnan(every_value[i]))) << i;
+    }
     t.options.eps = 1.0 / 1024;
     t.running_mean = HostTensor(DType::Float32, {channels}, std::vector<double>(channels, 0.0));
     t.running_var = HostTensor(DType::Float32, {channels}, std::vector<double>(channels, 1 - 1.0 / 1024));
@@ -106,36 +130,56 @@ TEST_P(Float16Conversions, EveryValueComesBackUnchanged) {
     expect_close(t.output.values(), t.reference().output, 0, "output");
 }
 
-// With x = 0 and weight = 0, y is the float32 bias, so the output is the
-// bias rounded to float16: ties, denormals, overflow, infinities and NaN.
-TEST_P(Float16Conversions, OutputsRoundToNearestEven) {
+// Float32 biases whose rounding to the format is hard: ties, just above
+// them, denormals and their edge, overflow, infinities and NaN.
+std::vector<double> hard_roundings(const Format16 &f) {
     const double inf = std::numeric_limits<double>::infinity();
-    std::vector<double> bias = {
-        1 + 0x1p-11, 1 + 3 * 0x1p-11, 1 + 0x1p-11 + 0x1p-20, -(2 + 0x1p-10),  // ties, just above
-        0x1p-24, 1.5 * 0x1p-24, 0.5 * 0x1p-24, 0.49 * 0x1p-24, 2.5 * 0x1p-24,  // denormals
-        0x1p-14 - 0x1p-25, 0x1p-14 - 0x1p-24, -3 * 0x1p-26, 1e-10,              // denormal edge
-        65504, 65519, 65520, -65520, 1e6, inf, -inf, std::nan(""), 0.1, -1 / 3.0, 3e4, 5e-5};
+    const double half_ulp_at_1 = std::ldexp(1.0, -f.fraction_bits - 1);
+    const double denormal = std::ldexp(1.0, f.denormal_exponent());
+    const double smallest_normal = std::ldexp(1.0, 1 - f.bias());
+    const double largest = f.value(static_cast<uint16_t>((f.max_exponent_field() << f.fraction_bits) - 1));
+    const double top_spacing = largest - f.value(static_cast<uint16_t>((f.max_exponent_field() << f.fraction_bits) - 2));
+    return {1 + half_ulp_at_1, 1 + 3 * half_ulp_at_1, 1 + half_ulp_at_1 + 0x1p-20, -(2 + 4 * half_ulp_at_1),
+            denormal, 1.5 * denormal, 0.5 * denormal, 0.49 * denormal, 2.5 * denormal,
+            smallest_normal - denormal / 2, smallest_normal - denormal, -3 * denormal / 4, 1e4 * denormal,
+            largest, largest + top_spacing / 4, largest + top_spacing / 2, -(largest + top_spacing / 2),
+            std::numeric_limits<float>::max(), inf, -inf, std::nan(""), 0.1, -1 / 3.0, 3e4, 5e-5, 1e-10, 1e6};
+}
+
+// With x = 0 and weight = 0, y is the float32 bias, so the output is the
+// bias rounded to the format.
+TEST_P(Conversions16, OutputsRoundToNearestEven) {
+    std::vector<double> bias = hard_roundings(format());
     const auto randoms = random_values(39, 0, 100, 7);
     bias.insert(bias.end(), randoms.begin(), randoms.end());
     for (bool training : {false, true}) {
         const auto channels = static_cast<int64_t>(bias.size());
-        const std::vector<int64_t> shape = GetParam() == Layout::NCHW ? std::vector<int64_t>{2, channels, 5, 7}
-                                                                      : std::vector<int64_t>{70, channels};
-        BatchNormCase t(shape, GetParam(), DType::Float16, DType::Float32, training);
-        t.x = HostTensor(DType::Float16, shape, std::vector<double>(t.x.size(), 0.0));
+        const std::vector<int64_t> shape = layout() == Layout::NCHW ? std::vector<int64_t>{2, channels, 5, 7}
+                                                                    : std::vector<int64_t>{70, channels};
+        BatchNormCase t(shape, layout(), format().dtype, DType::Float32, training);
+        t.x = HostTensor(format().dtype, shape, std::vector<double>(t.x.size(), 0.0));
         t.weight = HostTensor(DType::Float32, {channels}, std::vector<double>(channels, 0.0));
         t.bias = HostTensor(DType::Float32, {channels}, bias);
+        // A NaN with every significand bit set: rounding its bits as a
+        // number's would carry into the sign and give -0.
+        const uint32_t full_nan = 0x7fffffff;
+        std::memcpy(static_cast<unsigned char *>(t.bias.view().data) + 4 * (channels - 1), &full_nan, 4);
         std::vector<double> expected = t.reference().output;
         for (double &y : expected) {
-            y = nearest_float16(static_cast<float>(y));
+            y = format().nearest(static_cast<float>(y));
         }
         t.run();
         expect_close(t.output.values(), expected, 0, training ? "training output" : "inference output");
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(Numerics, Float16Conversions, ::testing::Values(Layout::NCHW, Layout::NHWC),
-                         [](const auto &info) { return info.param == Layout::NCHW ? "nchw" : "nhwc"; });
+INSTANTIATE_TEST_SUITE_P(Numerics, Conversions16,
+                         ::testing::Combine(::testing::Values(float16_format, bfloat16_format),
+                                            ::testing::Values(Layout::NCHW, Layout::NHWC)),
+                         [](const auto &info) {
+                             return dtype_label(std::get<0>(info.param).dtype) +
+                                    (std::get<1>(info.param) == Layout::NCHW ? "_nchw" : "_nhwc");
+                         });
 
 // Every eps in (0, 1] counts at full precision. A constant channel (training)
 // or a zero running variance (inference) makes 1 / sqrt(var + eps) as large
@@ -147,13 +191,13 @@ class TinyEps : public ::testing::TestWithParam<double> {};
 
 TEST_P(TinyEps, TrainingConstantChannelGivesBias) {
     const double eps = GetParam();
-    for (DType dtype : {DType::Float32, DType::Float16}) {
+    for (DType dtype : all_dtypes) {
         for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
             BatchNormCase t({4, 3, 5, 6}, layout, dtype, DType::Float32, true, 31);
             t.options.eps = eps;
             const Geometry g(t.shape, layout);
             for (int64_t k = 0; k < g.values_per_channel; k++) {
-                t.x.set(g.offset(1, k), 3.140625);  // exactly representable in float16
+                t.x.set(g.offset(1, k), 3.140625);  // exactly representable in every dtype
             }
             const ReferenceResult expected = t.reference();
             const BatchNormCase::SavedStatistics saved = t.run_training();
@@ -170,7 +214,7 @@ TEST_P(TinyEps, TrainingConstantChannelGivesBias) {
 
 TEST_P(TinyEps, InferenceWithZeroRunningVariance) {
     const double eps = GetParam();
-    for (DType dtype : {DType::Float32, DType::Float16}) {
+    for (DType dtype : all_dtypes) {
         for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
             BatchNormCase t({4, 3, 5, 6}, layout, dtype, DType::Float32, false, 37);
             t.options.eps = eps;

@@ -92,24 +92,24 @@ TEST(Semantics, OutputMayAliasInput) {
 // staged in cache, then stored non-temporally while the next chunk's input is
 // prefetched; training computes its statistics first), in place too.
 TEST(Semantics, LargeOutputsMatchReference) {
-    for (DType dtype : {DType::Float32, DType::Float16}) {
-        const int64_t batch = dtype == DType::Float32 ? 16 : 32;  // 67.8 MB either way
-        for (bool training : {false, true}) {
-            for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-                const std::vector<int64_t> shape = layout == Layout::NCHW
-                                                       ? std::vector<int64_t>{batch, 32, 182, 182}
-                                                       : std::vector<int64_t>{batch, 182, 182, 32};
+    for (DType dtype : all_dtypes) {
+        const int64_t batch = dtype == DType::Float32 ? 16 : 32;  // 67.8 MB in every dtype
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            const std::vector<int64_t> shape = layout == Layout::NCHW ? std::vector<int64_t>{batch, 32, 182, 182}
+                                                                      : std::vector<int64_t>{batch, 182, 182, 32};
+            // One set of inputs per dtype and layout (making them is most of this test's time).
+            BatchNormCase inputs(shape, layout, dtype, DType::Float32, false, 11);
+            ASSERT_GE(inputs.x.bytes().size(), size_t(64) << 20);
+            for (bool training : {false, true}) {
+                inputs.options.training = training;
+                const ReferenceResult expected = inputs.reference();
                 for (bool in_place : {false, true}) {
-                    BatchNormCase t(shape, layout, dtype, DType::Float32, training, 11);
-                    ASSERT_GE(t.x.bytes().size(), size_t(64) << 20);
-                    const ReferenceResult expected = t.reference();
+                    BatchNormCase t = inputs;
                     HostTensor &output = in_place ? t.x : t.output;
-                    hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(),
-                                    t.weight.view(), t.bias.view(), output.view(), t.options);
-                    const std::string what =
-                        std::string(dtype == DType::Float32 ? "float32 " : "float16 ") +
-                        (training ? "training " : "inference ") + (layout == Layout::NCHW ? "NCHW" : "NHWC") +
-                        (in_place ? " in place" : "");
+                    hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
+                                    t.bias.view(), output.view(), t.options);
+                    const std::string what = dtype_label(dtype) + (training ? " training " : " inference ") +
+                                             (layout == Layout::NCHW ? "NCHW" : "NHWC") + (in_place ? " in place" : "");
                     expect_close(output.values(), expected.output, output_tolerance(dtype), what + " output");
                     expect_close(t.running_var.values(), expected.running_var, 2e-6, what + " running_var");
                 }
@@ -143,17 +143,15 @@ TEST(Semantics, MomentumZeroKeepsAndOneReplacesRunningStatistics) {
 
 TEST(Semantics, ConstantChannelNormalizesToExactlyBias) {
     for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-        for (DType dtype : {DType::Float32, DType::Float16}) {
+        for (DType dtype : all_dtypes) {
             BatchNormCase t({4, 3, 5, 6}, layout, dtype, DType::Float32, true, 13);
             const Geometry g(t.shape, layout);
             for (int64_t k = 0; k < g.values_per_channel; k++) {
-                t.x.set(g.offset(1, k), 3.140625);  // exactly representable in float16
+                t.x.set(g.offset(1, k), 3.140625);  // exactly representable in every dtype
             }
             const double old_var = t.running_var.get(1);
             t.run();
-            const double bias = t.bias.get(1);
-            const float16 bias_f16 = static_cast<float16>(bias);
-            const double expected = dtype == DType::Float32 ? static_cast<float>(bias) : double(bias_f16);
+            const double expected = rounded(dtype, {t.bias.get(1)})[0];
             for (int64_t k = 0; k < g.values_per_channel; k++) {
                 ASSERT_EQ(t.output.get(g.offset(1, k)), expected) << "value " << k;
             }
@@ -172,7 +170,7 @@ TEST(Semantics, NonFiniteValueSpreadsOnlyWithinItsChannel) {
     const double inf = std::numeric_limits<double>::infinity();
     for (double value : {std::numeric_limits<double>::quiet_NaN(), inf, -inf}) {
         for (int64_t k : {0, 7}) {
-            for (DType dtype : {DType::Float32, DType::Float16}) {
+            for (DType dtype : all_dtypes) {
                 for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
                     for (bool training : {false, true}) {
                         BatchNormCase t({3, 6, 5, 5}, layout, dtype, DType::Float32, training, 17);
@@ -183,7 +181,7 @@ TEST(Semantics, NonFiniteValueSpreadsOnlyWithinItsChannel) {
                         const std::string what = std::to_string(value) + " at value " + std::to_string(k) +
                                                  (training ? ", training" : ", inference") +
                                                  (layout == Layout::NCHW ? " NCHW " : " NHWC ") +
-                                                 (dtype == DType::Float32 ? "float32: " : "float16: ");
+                                                 dtype_label(dtype) + ": ";
                         if (training) {
                             const BatchNormCase::SavedStatistics saved = t.run_training();
                             expect_close(saved.mean.values(), expected.batch_mean, 1e-6, what + "saved_mean");

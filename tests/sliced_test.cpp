@@ -230,7 +230,7 @@ using SlicedParam = std::tuple<SlicedCase, DType>;
 
 std::string sliced_name(const ::testing::TestParamInfo<SlicedParam> &info) {
     return std::string(std::get<0>(info.param).name) +
-           (std::get<1>(info.param) == DType::Float32 ? "_x32" : "_x16");
+           "_x" + dtype_tag(std::get<1>(info.param));
 }
 
 void PrintTo(const SlicedCase &c, std::ostream *os) {
@@ -240,7 +240,7 @@ void PrintTo(const SlicedCase &c, std::ostream *os) {
 // Sliced against unsliced: the same arithmetic per element, statistics
 // merged in another order, so about one rounding of the stored result.
 double tight(DType dtype) {
-    return dtype == DType::Float32 ? 4 * unit_roundoff32 : 0x1p-10;
+    return dtype == DType::Float32 ? 4 * unit_roundoff32 : storage_rounding(dtype);
 }
 
 class SlicedMatrix : public ::testing::TestWithParam<SlicedParam> {
@@ -311,7 +311,7 @@ std::vector<double> tight_bounds(const std::vector<double> &expected, const std:
     std::vector<double> bounds(expected.size());
     for (size_t i = 0; i < bounds.size(); i++) {
         bounds[i] = 2 * unit_roundoff32 * terms[i] + storage_rounding(dtype) * std::abs(expected[i]) +
-                    (dtype == DType::Float16 ? 0x1p-24 : 0);
+                    denormal_spacing(dtype);
     }
     return bounds;
 }
@@ -375,7 +375,7 @@ TEST_P(SlicedMatrix, InPlaceMatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(Sliced, SlicedMatrix,
                          ::testing::Combine(::testing::ValuesIn(sliced_cases()),
-                                            ::testing::Values(DType::Float32, DType::Float16)),
+                                            ::testing::ValuesIn(all_dtypes)),
                          sliced_name);
 
 // Sliced and synchronized at once: each participant merges its slices, and
@@ -389,9 +389,9 @@ TEST(SlicedSync, MatchesConcatenatedBatchReference) {
     };
     for (const Case &c : {Case{{5, 3, 4, 4}, Layout::NCHW, {2, 3}, 16}, Case{{5, 3, 4, 4}, Layout::NCHW, {2, 0, 3}, 7},
                           Case{{5, 3, 4, 6}, Layout::NHWC, {2, 0, 3}, 7}, Case{{4, 2, 9}, Layout::NHWC, {1, 3}, 5}}) {
-        for (DType dtype : {DType::Float32, DType::Float16}) {
+        for (DType dtype : all_dtypes) {
             const std::string what = shape_name(c.shape) + (c.layout == Layout::NCHW ? " NCHW" : " NHWC") +
-                                     (dtype == DType::Float32 ? " x32" : " x16") + ", limit " +
+                                     " x" + dtype_tag(dtype) + ", limit " +
                                      std::to_string(c.limit) + ": ";
             const SyncBatch batch(c.shape, c.layout, dtype, DType::Float32, c.split, 19);
             FakeGroup group(batch.processes());

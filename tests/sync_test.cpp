@@ -41,16 +41,21 @@ struct DTypes {
 };
 
 std::vector<DTypes> dtypes_for(const SplitCase &c) {
-    std::vector<DTypes> d = {{DType::Float32, DType::Float32}, {DType::Float16, DType::Float32}};
+    std::vector<DTypes> d;
+    for (DType x : all_dtypes) {
+        d.push_back({x, DType::Float32});
+    }
     if (std::string(c.name) == "nchw") {
-        d.push_back({DType::Float32, DType::Float16});
-        d.push_back({DType::Float16, DType::Float16});
+        for (DType param : {DType::Float16, DType::BFloat16}) {
+            d.push_back({DType::Float32, param});
+            d.push_back({param, param});
+        }
     }
     return d;
 }
 
 std::string label(const SplitCase &c, DTypes d, size_t p) {
-    return std::string(c.name) + (d.x == DType::Float32 ? " x32" : " x16") + (d.param == DType::Float32 ? " p32" : " p16") +
+    return std::string(c.name) + " x" + dtype_tag(d.x) + " p" + dtype_tag(d.param) +
            " P=" + std::to_string(p) + ": ";
 }
 
@@ -256,7 +261,7 @@ TEST(SyncInference, IgnoresTheHook) {
     std::atomic<int> calls{0};
     const hbn::AllReduce counting = [&calls](double *, std::size_t) { calls++; };
     for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-        for (DType dtype : {DType::Float32, DType::Float16}) {
+        for (DType dtype : all_dtypes) {
             BatchNormCase synced({3, 5, 4, 6}, layout, dtype, DType::Float32, false, 13);
             BatchNormCase plain = synced;
             synced.options.all_reduce = counting;

@@ -1,10 +1,12 @@
-// Test fixtures: host tensors in either dtype, a batch-norm case that runs
+// Test fixtures: host tensors in any dtype, a batch-norm case that runs
 // hbn and the double reference on the same (dtype-rounded) inputs, and
 // comparisons that report the first few mismatches.
 #pragma once
 
 #include "float16.h"
+#include "bfloat16.h"
 #include "reference.h"
+#include "test_dtypes.h"
 
 #include <gtest/gtest.h>
 #include <hbn/batch_norm.h>
@@ -18,6 +20,7 @@
 
 namespace hbn_test {
 
+using hbn::bfloat16;
 using hbn::float16;
 
 class HostTensor {
@@ -32,22 +35,17 @@ public:
 
     size_t size() const { return bytes_.size() / element_size(); }
     double get(size_t i) const {
-        if (dtype_ == hbn::DType::Float32) {
-            float v;
-            std::memcpy(&v, &bytes_[i * 4], 4);
-            return v;
+        switch (dtype_) {
+        case hbn::DType::Float16: return static_cast<double>(load<float16>(i));
+        case hbn::DType::BFloat16: return static_cast<double>(load<bfloat16>(i));
+        default: return load<float>(i);
         }
-        float16 v;
-        std::memcpy(&v, &bytes_[i * 2], 2);
-        return static_cast<double>(v);
     }
     void set(size_t i, double value) {
-        if (dtype_ == hbn::DType::Float32) {
-            const auto v = static_cast<float>(value);
-            std::memcpy(&bytes_[i * 4], &v, 4);
-        } else {
-            const auto v = static_cast<float16>(value);
-            std::memcpy(&bytes_[i * 2], &v, 2);
+        switch (dtype_) {
+        case hbn::DType::Float16: store(i, static_cast<float16>(value)); break;
+        case hbn::DType::BFloat16: store(i, bfloat16(value)); break;
+        default: store(i, static_cast<float>(value)); break;
         }
     }
     std::vector<double> values() const {
@@ -65,6 +63,16 @@ public:
 
 private:
     size_t element_size() const { return dtype_ == hbn::DType::Float32 ? 4 : 2; }
+    template<typename T>
+    T load(size_t i) const {
+        T v;
+        std::memcpy(&v, &bytes_[i * sizeof(T)], sizeof(T));
+        return v;
+    }
+    template<typename T>
+    void store(size_t i, T v) {
+        std::memcpy(&bytes_[i * sizeof(T)], &v, sizeof(T));
+    }
 
     hbn::DType dtype_ = hbn::DType::Float32;
     hbn::Memory memory_ = hbn::Memory::Host;
@@ -234,15 +242,14 @@ inline auto matrix_params() {
                           std::vector<int64_t>{2, 3, 7, 9}, std::vector<int64_t>{2, 37, 6, 5},
                           std::vector<int64_t>{4, 33, 21, 23}, std::vector<int64_t>{2, 3, 3, 4, 5},
                           std::vector<int64_t>{1, 6, 9, 11}),
-        ::testing::Values(hbn::Layout::NCHW, hbn::Layout::NHWC), ::testing::Values(DType::Float32, DType::Float16),
-        ::testing::Values(DType::Float32, DType::Float16), ::testing::Bool());
+        ::testing::Values(hbn::Layout::NCHW, hbn::Layout::NHWC), ::testing::ValuesIn(all_dtypes),
+        ::testing::ValuesIn(all_dtypes), ::testing::Bool());
 }
 
 inline std::string matrix_name(const ::testing::TestParamInfo<MatrixParam> &info) {
     const auto &[shape, layout, x_dtype, param_dtype, training] = info.param;
     return shape_name(shape) + (layout == hbn::Layout::NCHW ? "_nchw" : "_nhwc") +
-           (x_dtype == hbn::DType::Float32 ? "_x32" : "_x16") +
-           (param_dtype == hbn::DType::Float32 ? "_p32" : "_p16") + (training ? "_training" : "_inference");
+           "_x" + dtype_tag(x_dtype) + "_p" + dtype_tag(param_dtype) + (training ? "_training" : "_inference");
 }
 
 // Skips a test about the CPU kernels when the suite runs on a GPU backend
@@ -302,14 +309,14 @@ inline void expect_within(const std::vector<double> &actual, const std::vector<d
 }
 
 // Output tolerance: float32 rounding of the inputs' arithmetic, or one
-// float16 rounding of the result.
+// rounding of the result to a 16-bit type.
 inline double output_tolerance(hbn::DType dtype) {
-    return dtype == hbn::DType::Float32 ? 2e-6 : 1e-3;
+    return dtype == hbn::DType::Float32 ? 2e-6 : storage_rounding(dtype);
 }
 
 // Running statistics are stored in the parameter dtype.
 inline double parameter_tolerance(hbn::DType dtype) {
-    return dtype == hbn::DType::Float32 ? 2e-6 : 1e-3;
+    return output_tolerance(dtype);
 }
 
 }  // namespace hbn_test

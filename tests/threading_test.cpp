@@ -22,7 +22,7 @@ TEST(Threading, ConcurrentCallsOnDistinctDataAreCorrect) {
         // Mixed modes, layouts, dtypes and sizes (tiny ones run serially,
         // large ones on the thread pool).
         const Layout layout = i % 2 ? Layout::NHWC : Layout::NCHW;
-        dtypes.push_back(i % 3 ? DType::Float32 : DType::Float16);
+        dtypes.push_back(all_dtypes[i % all_dtypes.size()]);
         const std::vector<int64_t> shape = i % 4 < 2 ? std::vector<int64_t>{4, 16, 24, 24}
                                                      : std::vector<int64_t>{2, 3};
         cases.emplace_back(shape, layout, dtypes[i], DType::Float32, i % 2 == 0, 100 + i);

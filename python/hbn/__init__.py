@@ -23,9 +23,9 @@ def batch_norm(input_x, running_mean, running_var, weight, bias, training=False,
                eps=1e-05, *, data_format="NCHW", device="auto", all_reduce=None):
     """y = (x - mean) / sqrt(var + eps) * weight + bias, per channel: MindSpore's ops.batch_norm.
 
-    input_x: float16 or float32, rank >= 2, channels on axis 1 (data_format="NCHW") or last
-    ("NHWC"). running_mean, running_var, weight, bias: shape (C,), one dtype (float16 or
-    float32). Inference (training=False) normalizes with the running statistics; training with
+    input_x: float16, float32 or bfloat16 (PyTorch tensors only: NumPy has no bfloat16), rank
+    >= 2, channels on axis 1 (data_format="NCHW") or last ("NHWC"). running_mean, running_var,
+    weight, bias: shape (C,), one dtype (any of the three). Inference (training=False) normalizes with the running statistics; training with
     the batch mean and biased variance, and updates running_mean and running_var in place:
     running = (1 - momentum) * running + momentum * batch (the variance unbiased, M / (M - 1)).
     A failed call changes nothing. device: "auto", "cpu", "opencl" or "cuda" (host arrays are

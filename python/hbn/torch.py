@@ -5,7 +5,7 @@
 modules (same parameters, buffers, state_dict and isinstance checks), replacing
 only ``forward``. Gradients come from hbn's backward through
 ``torch.autograd.Function`` (first order only). Inputs are CPU tensors of
-float16 or float32; contiguous and channels-last tensors are read in place,
+float16, float32 or bfloat16; contiguous and channels-last tensors are read in place,
 any other layout is copied to contiguous first, and the output keeps the
 input's memory format.
 """

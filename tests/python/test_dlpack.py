@@ -60,5 +60,5 @@ def test_non_contiguous_dlpack_tensor_is_a_value_error():
 
 def test_float64_dlpack_tensor_is_a_type_error():
     parameters = [DLPackOnly(torch.ones(2))] * 4
-    with pytest.raises(TypeError, match="input_x must be float16 or float32, got float64"):
+    with pytest.raises(TypeError, match=r"input_x must be float16, float32 or \(a PyTorch tensor\) bfloat16, got float64"):
         hbn.batch_norm(DLPackOnly(torch.ones(2, 2, dtype=torch.float64)), *parameters)

@@ -11,7 +11,10 @@
 
 namespace hbn {
 
-enum class DType { Float16, Float32 };
+// Float16: IEEE binary16. BFloat16: the upper half of a binary32 (float32's
+// range, 8 significant bits). Both are computed in float32 and rounded to
+// nearest even when stored.
+enum class DType { Float16, Float32, BFloat16 };
 
 // NCHW: channel axis 1, for any rank >= 2: (N, C), (N, C, L), (N, C, H, W), ...
 // NHWC: channel axis last: (N, C), (N, L, C), (N, H, W, C), ...
@@ -33,7 +36,7 @@ enum class Device { Auto, CPU, OpenCL, CUDA };
 enum class Memory { Host, OpenCL, CUDA };
 
 // Non-owning view of a dense, row-major buffer. Host data must be aligned to
-// its element size (4 bytes for Float32, 2 for Float16).
+// its element size (4 bytes for Float32, 2 for Float16 and BFloat16).
 //
 // Aliasing: a tensor that a call writes (output; running_mean and
 // running_var in training; saved_mean and saved_inv_std; the backward's
@@ -119,7 +122,7 @@ private:
 //   running_mean = (1 - momentum) * running_mean + momentum * batch_mean
 //   running_var  = (1 - momentum) * running_var  + momentum * batch_var * M / (M - 1)
 // where M is the number of values per channel.
-// input_x and output: Float16 or Float32, the same dtype and shape (output may
+// input_x and output: Float16, Float32 or BFloat16, the same dtype and shape (output may
 // be input_x). running_mean, running_var, weight, bias: shape {C}, one
 // dtype, which need not be input_x's. eps may be any value in (0, 1]. An
 // empty input_x is a no-op in inference, whatever its other extents. On any
@@ -147,7 +150,7 @@ void batch_norm_training(const Tensor &input_x, const Tensor &running_mean,
 //   inference: mean = running_mean, inv_std = 1 / sqrt(running_var + eps);
 //       grad_bias = sum(dy), grad_weight = sum(dy * xhat), grad_input = weight * inv_std * dy
 // The pair of statistics that the mode does not use may be a default Tensor{}
-// (it is not read). grad_output and input_x: Float16 or Float32, one dtype and
+// (it is not read). grad_output and input_x: Float16, Float32 or BFloat16, one dtype and
 // shape, as in the forward. weight (and, in inference, running_mean and
 // running_var): shape {C}, one dtype. Written: grad_input (input_x's dtype
 // and shape; it may be grad_output itself, for in place), grad_weight and
