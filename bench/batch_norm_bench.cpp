@@ -3,7 +3,8 @@
 //
 // Names are BM/<mode>/<dtype>/<layout>/<size>/<impl>, mode being inference,
 // training (the forward), backward_inference or backward_training (the
-// backward, all three gradients), impl hbn, copy, onednn or torch;
+// backward, all three gradients), dtype float32, float16 or bfloat16, impl
+// hbn, copy, onednn or torch;
 // bench/report.py groups them by case. Every implementation reports the same
 // bytes, so that their GB/s compare: x read plus y written (forward); x and
 // dy read plus dx written (backward: 12 bytes per float32 element, the least
@@ -35,10 +36,14 @@ namespace {
 
 const int kThreads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 
-// ---- Sizes, as (N, C, H, W) ----
+// ---- Sizes, as (N, C, H, W), for 4-byte (float32) and 2-byte (float16,
+// bfloat16) elements ----
 struct Size {
     const char *name;
-    std::vector<int64_t> float32_dims, float16_dims;
+    std::vector<int64_t> dims4, dims2;
+    const std::vector<int64_t> &dims(hbn::DType dtype) const {
+        return dtype_info(dtype).bytes == 2 ? dims2 : dims4;
+    }
 };
 const Size kSizes[] = {
     // MindSpore's documented example (N=2, C=2): per-call latency.
@@ -46,7 +51,7 @@ const Size kSizes[] = {
     // x + y = 51 MB in float32 (backward: x + dy + dx = 77 MB): inside this
     // VM's 480 MB L3.
     {"mid", {32, 64, 56, 56}, {32, 64, 56, 56}},
-    // x + y = 822 MB in both dtypes (backward: 1.23 GB): DRAM.
+    // x + y = 822 MB in every dtype (backward: 1.23 GB): DRAM.
     {"large", {128, 64, 112, 112}, {256, 64, 112, 112}},
 };
 
@@ -61,19 +66,12 @@ const char *impl_name(Impl i) {
     return "?";
 }
 
-// ---- float16 ----
-__attribute__((target("f16c"))) uint16_t to_half(float f) {
-    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
-}
-__attribute__((target("f16c"))) float from_half(uint16_t h) { return _cvtsh_ss(h); }
-
-double load(const Case &c, const void *p, int64_t i) {
-    return c.dtype == hbn::DType::Float16 ? from_half(static_cast<const uint16_t *>(p)[i])
-                                          : static_cast<const float *>(p)[i];
-}
+// ---- Elements: float32, float16, bfloat16 ----
+double load(const Case &c, const void *p, int64_t i) { return load_value(c.dtype, p, i); }
+void store(const Case &c, void *p, int64_t i, float v) { store_value(c.dtype, p, i, v); }
 // The element's bits.
 uint32_t load_bits(const Case &c, const void *p, int64_t i) {
-    if (c.dtype == hbn::DType::Float16) return static_cast<const uint16_t *>(p)[i];
+    if (c.element_bytes() == 2) return static_cast<const uint16_t *>(p)[i];
     return static_cast<const uint32_t *>(p)[i];
 }
 
@@ -181,13 +179,7 @@ Buffer make_tensor(const Case &c, uint64_t seed, float lo = 0, float hi = 0) {
             return;
         }
         uint64_t s = seed + t;
-        for (int64_t i = begin; i < end; ++i) {
-            const float v = uniform(s, lo, hi);
-            if (c.dtype == hbn::DType::Float16)
-                static_cast<uint16_t *>(b.get())[i] = to_half(v);
-            else
-                static_cast<float *>(b.get())[i] = v;
-        }
+        for (int64_t i = begin; i < end; ++i) store(c, b.get(), i, uniform(s, lo, hi));
     });
     return b;
 }
@@ -366,7 +358,7 @@ struct Copy {
 
 // Backward: dx = x ^ dy, bitwise. It reads x and dy and writes dx once each,
 // 3 bytes per byte of x (12 per float32 element, the backward's least
-// traffic) in either dtype, with no arithmetic that could bound it; with
+// traffic) in every dtype, with no arithmetic that could bound it; with
 // plain or (AVX2) streaming stores.
 using XorKernel = void (*)(char *, const char *, const char *, size_t);
 
@@ -489,7 +481,7 @@ std::string check_channels(const Case &c, const Data &d, F check_channel) {
 int64_t sample(int64_t M, int k) { return (M - 1) * k / 63; }
 
 std::string check_forward(const Case &c, Impl impl, const Data &d) {
-    const double tol = c.dtype == hbn::DType::Float16 ? 4e-3 : 1e-4;
+    const double tol = dtype_info(c.dtype).tolerance;
     return check_channels(c, d, [&](int64_t ch, int64_t M, auto offset) -> std::string {
         double mean = d.running_mean[ch], var = d.running_var[ch];
         if (c.mode == Mode::Training) {  // biased batch statistics, two passes
@@ -524,7 +516,7 @@ std::string check_forward(const Case &c, Impl impl, const Data &d) {
 // NHWC sums, on 2 threads at the large size: 4e-8); the sums themselves, of
 // random signs, are about 1 / sqrt(M) of them, so a wrong one is caught.
 std::string check_backward(const Case &c, Impl impl, const Data &d) {
-    const double tol = c.dtype == hbn::DType::Float16 ? 4e-3 : 1e-4, sum_tol = 1e-6;
+    const double tol = dtype_info(c.dtype).tolerance, sum_tol = 1e-6;
     const void *x = d.x.get(), *dy = d.dy.get(), *dx = d.y.get();
     const bool training = c.mode == Mode::Training;
     return check_channels(c, d, [&](int64_t ch, int64_t M, auto offset) -> std::string {
@@ -602,8 +594,9 @@ Current &prepare(const Case &c, Impl impl) {
         case Impl::Onednn: cur.runner = make_onednn(c, d); break;
         case Impl::Torch: cur.runner = make_torch(c, d); break;
         }
-        // Poison the outputs (NaN in both dtypes) so that the check sees this
-        // implementation's, then warm up (JIT, thread pools, caches).
+        // Poison the outputs (all-ones bits: NaN in every dtype) so that the
+        // check sees this implementation's, then warm up (JIT, thread pools,
+        // caches).
         std::memset(d.y.get(), 0xff, c.tensor_bytes());
         std::fill(d.grad_weight.begin(), d.grad_weight.end(), NAN);
         std::fill(d.grad_bias.begin(), d.grad_bias.end(), NAN);
@@ -641,14 +634,13 @@ void run_benchmark(benchmark::State &state, const Case &c, Impl impl) {
 
 void register_all() {
     for (const Size &size : kSizes)
-        for (hbn::DType dtype : {hbn::DType::Float32, hbn::DType::Float16})
+        for (const DTypeInfo &dtype : kDTypes)
             for (hbn::Layout layout : {hbn::Layout::NCHW, hbn::Layout::NHWC})
                 for (Pass pass : {Pass::Forward, Pass::Backward})
                     for (Mode mode : {Mode::Inference, Mode::Training})
                         for (Impl impl : {Impl::Hbn, Impl::Copy, Impl::Onednn, Impl::Torch}) {
-                            const Case c{pass, mode, dtype, layout, size.name,
-                                         dtype == hbn::DType::Float16 ? size.float16_dims
-                                                                      : size.float32_dims};
+                            const Case c{pass, mode, dtype.dtype, layout, size.name,
+                                         size.dims(dtype.dtype)};
                             const std::string name = "BM/" + c.name() + "/" + impl_name(impl);
                             auto *b = benchmark::RegisterBenchmark(
                                 name.c_str(),

@@ -2,6 +2,9 @@
 // and the interface of one implementation prepared for one case.
 #pragma once
 
+#include "bfloat16.h"
+#include "float16.h"
+
 #include <hbn/batch_norm.h>
 
 #include <cstdint>
@@ -23,6 +26,48 @@ inline uint64_t splitmix(uint64_t &s) {
 }
 inline float uniform(uint64_t &s, float lo, float hi) {
     return lo + (hi - lo) * static_cast<float>(splitmix(s) >> 40) * 0x1p-24f;
+}
+
+// ---- Data types ----
+// The dtypes benchmarked, in the order of the cases, and what each is:
+// its name in the benchmarks' names, its bytes per element (float16 and
+// bfloat16 cases have the same sizes, so the same bytes), and the relative
+// tolerance of hbn_bench's output check: a few of the dtype's roundings
+// (float16 keeps 11 significant bits, rounding by up to 2^-11 relative;
+// bfloat16 8, up to 2^-8; the results are computed in float32 or better).
+struct DTypeInfo {
+    hbn::DType dtype;
+    const char *name;
+    int64_t bytes;
+    double tolerance;
+};
+inline constexpr DTypeInfo kDTypes[] = {
+    {hbn::DType::Float32, "float32", 4, 1e-4},
+    {hbn::DType::Float16, "float16", 2, 4e-3},
+    {hbn::DType::BFloat16, "bfloat16", 2, 0x1p-7},
+};
+inline const DTypeInfo &dtype_info(hbn::DType dtype) {
+    for (const DTypeInfo &info : kDTypes)
+        if (info.dtype == dtype) return info;
+    throw std::invalid_argument("bench: unknown hbn::DType " +
+                                std::to_string(static_cast<int>(dtype)));
+}
+
+// Element i of data of `dtype`, and v rounded to the nearest value of the
+// dtype into element i (runtime/float16.h and bfloat16.h, as the tests use).
+inline double load_value(hbn::DType dtype, const void *p, int64_t i) {
+    switch (dtype) {
+    case hbn::DType::Float16: return static_cast<double>(static_cast<const hbn::float16 *>(p)[i]);
+    case hbn::DType::BFloat16: return static_cast<double>(static_cast<const hbn::bfloat16 *>(p)[i]);
+    default: return static_cast<const float *>(p)[i];
+    }
+}
+inline void store_value(hbn::DType dtype, void *p, int64_t i, float v) {
+    switch (dtype) {
+    case hbn::DType::Float16: static_cast<hbn::float16 *>(p)[i] = static_cast<hbn::float16>(v); break;
+    case hbn::DType::BFloat16: static_cast<hbn::bfloat16 *>(p)[i] = hbn::bfloat16(v); break;
+    default: static_cast<float *>(p)[i] = v; break;
+    }
 }
 
 constexpr double kMomentum = 0.1;
@@ -47,7 +92,7 @@ struct Case {
         for (int64_t d : dims) n *= d;
         return n;
     }
-    int64_t element_bytes() const { return dtype == hbn::DType::Float16 ? 2 : 4; }
+    int64_t element_bytes() const { return dtype_info(dtype).bytes; }
     int64_t tensor_bytes() const { return elements() * element_bytes(); }
     // What every implementation is credited with per call, the least any of
     // them must move: x read and y written (forward); x and dy read and dx
@@ -73,7 +118,7 @@ struct Case {
         return std::string(pass == Pass::Backward ? "backward_" : "") +
                (mode == Mode::Training ? "training" : "inference");
     }
-    std::string dtype_name() const { return dtype == hbn::DType::Float16 ? "float16" : "float32"; }
+    std::string dtype_name() const { return dtype_info(dtype).name; }
     std::string layout_name() const { return layout == hbn::Layout::NHWC ? "nhwc" : "nchw"; }
     // Cases that differ only in pass and mode share their buffers.
     std::string data_key() const { return dtype_name() + "/" + layout_name() + "/" + size; }

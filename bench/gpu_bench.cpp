@@ -4,9 +4,10 @@
 // it needs are declared here and taken from libcuda.so with dlopen, as hbn's
 // own probe does (runtime/backend.cpp).
 //
-// For each dtype (float32, float16) and layout (NCHW, NHWC) it times, with
-// options.device = Device::CUDA and input_x, output, grad_output, grad_input
-// in Memory::CUDA (the per-channel tensors are host memory, as hbn requires):
+// For each dtype (float32, float16, bfloat16) and layout (NCHW, NHWC) it
+// times, with options.device = Device::CUDA and input_x, output, grad_output,
+// grad_input in Memory::CUDA (the per-channel tensors are host memory, as hbn
+// requires):
 //   inference               batch_norm, inference
 //   training                batch_norm_training (the fused training kernel)
 //   backward_training       batch_norm_backward, training (backward kernel)
@@ -45,7 +46,7 @@
 //   --filter F   only the cases whose name contains F (copies always run).
 // Exits 77, after printing "CUDA benchmark skipped: <why>", where hbn's CUDA
 // backend is not usable; 1 if any case failed; else 0.
-#include "bench_case.h"  // uniform
+#include "bench_case.h"  // uniform, kDTypes, to_bfloat16
 
 #include <hbn/batch_norm.h>
 
@@ -64,6 +65,8 @@
 
 namespace {
 
+using bench::DTypeInfo;
+using bench::kDTypes;
 using bench::uniform;
 
 // ---- The CUDA driver API, as far as it is used ----
@@ -323,31 +326,14 @@ void measure(const Options &opts, Row &row, CUevent start, CUevent stop, Call &&
     row.reps = reps;
 }
 
-// A float's float16 bits (values of normal float16 magnitude or zero;
-// truncating: the values are random anyway).
-uint16_t half_bits(float f) {
-    uint32_t b;
-    std::memcpy(&b, &f, 4);
-    const uint32_t sign = (b >> 16) & 0x8000u;
-    const int exponent = static_cast<int>((b >> 23) & 0xff) - 127 + 15;
-    if (exponent <= 0) return static_cast<uint16_t>(sign);
-    if (exponent >= 31) return static_cast<uint16_t>(sign | 0x7bffu);
-    return static_cast<uint16_t>(sign | (static_cast<uint32_t>(exponent) << 10) | ((b >> 13) & 0x3ffu));
-}
-
-
 // Fills `bytes` of device memory at `dst` with uniform [lo, hi) values of
 // the dtype: a 16 MiB random pattern, repeated.
 void fill(CUdeviceptr dst, size_t bytes, hbn::DType dtype, uint64_t seed, float lo, float hi) {
     constexpr size_t kPattern = 16u << 20;
     std::vector<unsigned char> pattern(kPattern);
     uint64_t s = seed;
-    if (dtype == hbn::DType::Float16) {
-        auto *p = reinterpret_cast<uint16_t *>(pattern.data());
-        for (size_t i = 0; i < kPattern / 2; i++) p[i] = half_bits(uniform(s, lo, hi));
-    } else {
-        auto *p = reinterpret_cast<float *>(pattern.data());
-        for (size_t i = 0; i < kPattern / 4; i++) p[i] = uniform(s, lo, hi);
+    for (size_t i = 0; i < kPattern / bench::dtype_info(dtype).bytes; i++) {
+        bench::store_value(dtype, pattern.data(), static_cast<int64_t>(i), uniform(s, lo, hi));
     }
     for (size_t done = 0; done < bytes; done += kPattern) {
         check(cu.memcpy_htod(dst + done, pattern.data(), std::min(kPattern, bytes - done)), "cuMemcpyHtoD");
@@ -440,9 +426,10 @@ int main(int argc, char **argv) {
     bool any_failed = false;
     print_header();
 
-    for (hbn::DType dtype : {hbn::DType::Float32, hbn::DType::Float16}) {
-        const char *dtype_name = dtype == hbn::DType::Float16 ? "float16" : "float32";
-        const size_t tensor_bytes = static_cast<size_t>(dims.elements()) * (dtype == hbn::DType::Float16 ? 2 : 4);
+    for (const DTypeInfo &info : kDTypes) {
+        const hbn::DType dtype = info.dtype;
+        const char *dtype_name = info.name;
+        const size_t tensor_bytes = static_cast<size_t>(dims.elements()) * info.bytes;
         bool filled = false;
         // Whether `row` may run: within the budget (else it is printed as
         // skipped), with x and dy filled, once per dtype.

@@ -5,8 +5,8 @@
 
 Reads the CSV that build/.../hbn_gpu_bench wrote (bench/gpu_bench.cpp), times
 the same cases with PyTorch on the same GPU, at the same sizes, dtypes and
-layouts (channels_last tensors for NHWC; float16 data with float32
-per-channel tensors, as in hbn's run), and prints ONE markdown table:
+layouts (channels_last tensors for NHWC; float16 and bfloat16 data with
+float32 per-channel tensors, as in hbn's run), and prints ONE markdown table:
 
     case | hbn ms | hbn GB/s | copy GB/s | hbn/copy | cuDNN ms | cudnn/hbn | hbn wall ms | peer
 
@@ -106,7 +106,7 @@ class Peer:
         if key != self.data_key:
             self.data = None
             torch.cuda.empty_cache()
-            dt = torch.float16 if dtype == "float16" else torch.float32
+            dt = getattr(torch, dtype)  # float32, float16, bfloat16: torch's names too
             fmt_ = torch.channels_last if layout == "nhwc" else torch.contiguous_format
             g = torch.Generator(device="cuda")
             g.manual_seed(1234)

@@ -1,7 +1,10 @@
 // oneDNN 2.6 peer on plain nchw / nhwc memory: batch_normalization_forward,
 // and batch_normalization_backward (prop_kind::backward: diff_src,
 // diff_scale and diff_shift), with use_scale | use_shift (and
-// use_global_stats in inference).
+// use_global_stats in inference). Data in the case's dtype (f32, f16, bf16);
+// statistics, scale and shift float32. oneDNN 2.6 has bf16 batch
+// normalization on CPUs with avx512_core, and f16 on none: where it has no
+// implementation for the case, the case is unavailable.
 #include "bench_case.h"
 
 #include <oneapi/dnnl/dnnl.hpp>
@@ -22,6 +25,14 @@ struct OnednnRunner : Runner {
     }
 };
 
+dnnl::memory::data_type data_type(hbn::DType dtype) {
+    switch (dtype) {
+    case hbn::DType::Float16: return dnnl::memory::data_type::f16;
+    case hbn::DType::BFloat16: return dnnl::memory::data_type::bf16;
+    default: return dnnl::memory::data_type::f32;
+    }
+}
+
 Unavailable unavailable(const Case &c, const char *what) {
     return Unavailable("oneDNN " + std::to_string(dnnl::version()->major) + "." +
                        std::to_string(dnnl::version()->minor) + " has no " + c.dtype_name() + " " +
@@ -37,10 +48,7 @@ std::unique_ptr<Runner> make_onednn(const Case &c, Data &d) {
     const memory::format_tag tag = c.dims.size() == 2               ? memory::format_tag::nc
                                    : c.layout == hbn::Layout::NCHW ? memory::format_tag::nchw
                                                                    : memory::format_tag::nhwc;
-    const memory::desc md(c.dims,
-                          c.dtype == hbn::DType::Float16 ? memory::data_type::f16
-                                                         : memory::data_type::f32,
-                          tag);
+    const memory::desc md(c.dims, data_type(c.dtype), tag);
     const bool training = c.mode == Mode::Training, backward = c.pass == Pass::Backward;
     auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
     if (!training) flags |= dnnl::normalization_flags::use_global_stats;

@@ -7,7 +7,8 @@
 Prints the tables and writes them to OUT.md, and the plot to OUT.png (by
 default next to RESULTS.json, with its name). Benchmarks are named
 BM/<mode>/<dtype>/<layout>/<size>/<impl>, mode being inference or training
-(the forward) or backward_inference or backward_training (the backward). For
+(the forward) or backward_inference or backward_training (the backward), dtype
+float32, float16 or bfloat16. For
 each case (mode, dtype, layout, size) a table, one for the forward and one for
 the backward, gives hbn's time and the GB/s of every implementation (the same
 bytes for all: x read plus y written in the forward; x and dy read plus dx
@@ -31,7 +32,7 @@ PEERS = ["onednn", "torch"]
 ORDER = {
     "size": ["tiny", "mid", "large"],
     "mode": ["inference", "training", "backward_inference", "backward_training"],
-    "dtype": ["float32", "float16"],
+    "dtype": ["float32", "float16", "bfloat16"],
     "layout": ["nchw", "nhwc"],
 }
 UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -87,9 +88,14 @@ def pass_of(case):
     return "backward" if case[0].startswith("backward_") else "forward"
 
 
+def rank(axis, value):
+    """value's place on the axis; values not in ORDER (a newer benchmark's)
+    go last."""
+    return ORDER[axis].index(value) if value in ORDER[axis] else len(ORDER[axis])
+
+
 def case_key(case):
     mode, dtype, layout, size = case
-    rank = lambda axis, v: ORDER[axis].index(v) if v in ORDER[axis] else len(ORDER[axis])
     return (pass_of(case) == "backward", rank("size", size), rank("mode", mode),
             rank("dtype", dtype), rank("layout", layout))
 
@@ -119,7 +125,7 @@ def describe(names):
     """'mode/dtype/layout/size' names, as a product of their values when they
     form one (e.g. 'inference, training × float16 × nchw, nhwc × tiny, mid')."""
     cases = {tuple(n.split("/")) for n in names}
-    axes = [sorted({c[i] for c in cases}, key=lambda v, a=a: ORDER[a].index(v))
+    axes = [sorted({c[i] for c in cases}, key=lambda v, a=a: (rank(a, v), v))
             for i, a in enumerate(["mode", "dtype", "layout", "size"])]
     product = 1
     for values in axes:
@@ -212,8 +218,9 @@ def plot(cases, path):
         for x in missing:
             ax.text(x, ax.get_ylim()[0], "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(group)))
-        # The mode without "backward_": the title says which pass.
-        ax.set_xticklabels(["/".join((c[0].replace("backward_", "", 1),) + c[1:3])
+        # The mode without "backward_" (the title says which pass), over
+        # dtype/layout: two lines, so that three dtypes' labels fit.
+        ax.set_xticklabels([c[0].replace("backward_", "", 1) + "\n" + "/".join(c[1:3])
                             for c in group], fontsize=8)
         ax.set_ylabel("GB/s")
         ax.set_title(f"{name}, {size}" + (" (log scale)" if size == "tiny" else "") +

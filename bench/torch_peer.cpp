@@ -16,7 +16,11 @@ namespace bench {
 namespace {
 
 at::ScalarType scalar_type(hbn::DType t) {
-    return t == hbn::DType::Float16 ? at::kHalf : at::kFloat;
+    switch (t) {
+    case hbn::DType::Float16: return at::kHalf;
+    case hbn::DType::BFloat16: return at::kBFloat16;
+    default: return at::kFloat;
+    }
 }
 
 // A tensor of logical sizes c.dims over data laid out as the case says.
@@ -101,7 +105,7 @@ std::unique_ptr<Runner> make_torch(const Case &c, Data &d) {
     // is "unavailable", not a failure.
     Case small = c;
     small.dims = c.dims.size() == 2 ? std::vector<int64_t>{2, 2} : std::vector<int64_t>{2, 2, 2, 2};
-    std::vector<float> xs(16, 1.0f), p = {1, 1};  // enough bytes for 16 float16 or float32
+    std::vector<float> xs(16, 1.0f), p = {1, 1};  // enough bytes for 16 elements of any dtype
     try {
         Args probe = a;
         at::Tensor pp = wrap_param(p);
