@@ -1,8 +1,8 @@
 // The data types the pipelines are built for (the generator parameter
 // data_type), and how each is stored and converted: float32 as itself;
 // float16 and bfloat16 as their bits (uint16) on every backend, computed in
-// float32. Halide 14's own bfloat16 cast turns NaNs with low mantissa bits
-// into infinity, and OpenCL C has no name for the type.
+// float32. Halide 14's own bfloat16 rounding turns a signaling NaN into
+// infinity and 0x7fffffff into -0, and OpenCL C has no name for the type.
 #pragma once
 
 #include "Halide.h"

@@ -60,11 +60,13 @@ std::string case_name(Layout layout, bool training) {
 class BackwardMatrix : public ::testing::TestWithParam<MatrixParam> {};
 
 TEST_P(BackwardMatrix, MatchesDoubleReference) {
-    const auto &[shape, layout, x_dtype, param_dtype, training] = GetParam();
-    BackwardCase t(shape, layout, x_dtype, param_dtype, training, 7);
-    const ReferenceBackward expected = t.reference();
-    t.run();
-    expect_gradients(t, expected, "");
+    const auto &[layout, x_dtype, param_dtype, training] = GetParam();
+    for (const std::vector<int64_t> &shape : matrix_shapes) {
+        BackwardCase t(shape, layout, x_dtype, param_dtype, training, 7);
+        const ReferenceBackward expected = t.reference();
+        t.run();
+        expect_gradients(t, expected, shape_name(shape) + " ");
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Backward, BackwardMatrix, matrix_params(), matrix_name);

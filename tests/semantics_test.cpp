@@ -49,15 +49,18 @@ TEST(Semantics, DocumentedTrainingExample) {
 class ReferenceMatrix : public ::testing::TestWithParam<MatrixParam> {};
 
 TEST_P(ReferenceMatrix, MatchesDoubleReference) {
-    const auto &[shape, layout, x_dtype, param_dtype, training] = GetParam();
-    BatchNormCase t(shape, layout, x_dtype, param_dtype, training, 7);
-    const ReferenceResult expected = t.reference();
-    t.run();
-    expect_close(t.output.values(), expected.output, output_tolerance(x_dtype), "output");
-    expect_close(t.running_mean.values(), expected.running_mean, parameter_tolerance(param_dtype),
-                 "running_mean");
-    expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(param_dtype),
-                 "running_var");
+    const auto &[layout, x_dtype, param_dtype, training] = GetParam();
+    for (const std::vector<int64_t> &shape : matrix_shapes) {
+        BatchNormCase t(shape, layout, x_dtype, param_dtype, training, 7);
+        const ReferenceResult expected = t.reference();
+        t.run();
+        const std::string what = shape_name(shape) + " ";
+        expect_close(t.output.values(), expected.output, output_tolerance(x_dtype), what + "output");
+        expect_close(t.running_mean.values(), expected.running_mean, parameter_tolerance(param_dtype),
+                     what + "running_mean");
+        expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(param_dtype),
+                     what + "running_var");
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Semantics, ReferenceMatrix, matrix_params(), matrix_name);
