@@ -45,6 +45,25 @@ struct Geometry {
         const int64_t n = k / inner, i = k % inner;
         return (n * channels + c) * inner + i;
     }
+
+    // fn(c, offset) for every value, in memory order, which visits each
+    // channel's values in k order (so sums come out as a loop over k gives
+    // them) and walks large tensors at the memory's pace.
+    template<typename Fn>
+    void for_each_value(Fn fn) const {
+        const int64_t rows = channels ? values_per_channel / inner : 0;
+        for (int64_t row = 0, o = 0; row < rows; row++) {
+            for (int64_t c = 0; c < channels; c++) {
+                if (channels_last) {
+                    fn(c, o++);
+                } else {
+                    for (int64_t i = 0; i < inner; i++) {
+                        fn(c, o++);
+                    }
+                }
+            }
+        }
+    }
 };
 
 inline ReferenceResult reference_batch_norm(const std::vector<double> &x, const std::vector<int64_t> &shape,
@@ -58,32 +77,31 @@ inline ReferenceResult reference_batch_norm(const std::vector<double> &x, const 
     r.running_mean = running_mean;
     r.running_var = running_var;
     const auto m = static_cast<double>(g.values_per_channel);
-    for (int64_t c = 0; c < g.channels; c++) {
-        double mean = running_mean[c], var = running_var[c];
-        if (training) {
-            double sum = 0;
-            for (int64_t k = 0; k < g.values_per_channel; k++) {
-                sum += x[g.offset(c, k)];
-            }
-            mean = sum / m;
-            double sum_sq = 0;
-            for (int64_t k = 0; k < g.values_per_channel; k++) {
-                const double d = x[g.offset(c, k)] - mean;
-                sum_sq += d * d;
-            }
-            var = sum_sq / m;
-            r.batch_mean.push_back(mean);
-            r.batch_var.push_back(var);
-            r.inv_std.push_back(1 / std::sqrt(var + eps));
-            r.running_mean[c] = (1 - momentum) * running_mean[c] + momentum * mean;
-            r.running_var[c] = (1 - momentum) * running_var[c] + momentum * var * m / (m - 1);
+    std::vector<double> mean = running_mean, var = running_var;
+    if (training) {
+        std::vector<double> sum(g.channels, 0.0), sum_sq(g.channels, 0.0);
+        g.for_each_value([&](int64_t c, int64_t o) { sum[c] += x[o]; });
+        for (int64_t c = 0; c < g.channels; c++) {
+            mean[c] = sum[c] / m;
         }
-        const double scale = weight[c] / std::sqrt(var + eps);
-        for (int64_t k = 0; k < g.values_per_channel; k++) {
-            const int64_t o = g.offset(c, k);
-            r.output[o] = (x[o] - mean) * scale + bias[c];
+        g.for_each_value([&](int64_t c, int64_t o) {
+            const double d = x[o] - mean[c];
+            sum_sq[c] += d * d;
+        });
+        for (int64_t c = 0; c < g.channels; c++) {
+            var[c] = sum_sq[c] / m;
+            r.batch_mean.push_back(mean[c]);
+            r.batch_var.push_back(var[c]);
+            r.inv_std.push_back(1 / std::sqrt(var[c] + eps));
+            r.running_mean[c] = (1 - momentum) * running_mean[c] + momentum * mean[c];
+            r.running_var[c] = (1 - momentum) * running_var[c] + momentum * var[c] * m / (m - 1);
         }
     }
+    std::vector<double> scale(g.channels);
+    for (int64_t c = 0; c < g.channels; c++) {
+        scale[c] = weight[c] / std::sqrt(var[c] + eps);
+    }
+    g.for_each_value([&](int64_t c, int64_t o) { r.output[o] = (x[o] - mean[c]) * scale[c] + bias[c]; });
     return r;
 }
 

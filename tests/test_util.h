@@ -36,16 +36,16 @@ public:
     size_t size() const { return bytes_.size() / element_size(); }
     double get(size_t i) const {
         switch (dtype_) {
-        case hbn::DType::Float16: return static_cast<double>(load<float16>(i));
-        case hbn::DType::BFloat16: return static_cast<double>(load<bfloat16>(i));
+        case hbn::DType::Float16: return load<float16>(i);
+        case hbn::DType::BFloat16: return load<bfloat16>(i);
         default: return load<float>(i);
         }
     }
     void set(size_t i, double value) {
         switch (dtype_) {
-        case hbn::DType::Float16: store(i, static_cast<float16>(value)); break;
-        case hbn::DType::BFloat16: store(i, bfloat16(value)); break;
-        default: store(i, static_cast<float>(value)); break;
+        case hbn::DType::Float16: store<float16>(i, value); break;
+        case hbn::DType::BFloat16: store<bfloat16>(i, value); break;
+        default: store<float>(i, value); break;
         }
     }
     std::vector<double> values() const {
@@ -63,14 +63,17 @@ public:
 
 private:
     size_t element_size() const { return dtype_ == hbn::DType::Float32 ? 4 : 2; }
+    // Element i as a T, converted (T is never passed by value: clang 14's
+    // __fp16 cannot be).
     template<typename T>
-    T load(size_t i) const {
+    double load(size_t i) const {
         T v;
         std::memcpy(&v, &bytes_[i * sizeof(T)], sizeof(T));
-        return v;
+        return static_cast<double>(v);
     }
     template<typename T>
-    void store(size_t i, T v) {
+    void store(size_t i, double value) {
+        const T v = static_cast<T>(value);
         std::memcpy(&bytes_[i * sizeof(T)], &v, sizeof(T));
     }
 
