@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -97,12 +98,18 @@ private:
     unsigned char *region_ = nullptr, *data_ = nullptr;
 };
 
+constexpr DType valid_dtypes[] = {DType::Float16, DType::Float32, DType::BFloat16};
+
 bool valid_dtype(DType dtype) {
-    return dtype == DType::Float16 || dtype == DType::Float32;
+    return std::find(std::begin(valid_dtypes), std::end(valid_dtypes), dtype) != std::end(valid_dtypes);
 }
 
 int64_t element_bytes(DType dtype) {
-    return dtype == DType::Float16 ? 2 : 4;
+    return dtype == DType::Float32 ? 4 : 2;
+}
+
+DType fuzz_dtype(FuzzedDataProvider &in) {
+    return in.PickValueInArray(valid_dtypes);
 }
 
 // What a shape asks of memory. Empty: an extent 0 (whatever the others);
@@ -198,7 +205,7 @@ Enum fuzz_enum(FuzzedDataProvider &in, int valid_count) {
 std::unique_ptr<GuardedBuffer> make_tensor(FuzzedDataProvider &in, Tensor &t, std::vector<int64_t> shape,
                                            DType dtype) {
     t.shape = std::move(shape);
-    t.dtype = fault(in, 32) ? fuzz_enum<DType>(in, 2) : dtype;
+    t.dtype = fault(in, 32) ? fuzz_enum<DType>(in, static_cast<int>(std::size(valid_dtypes))) : dtype;
     t.memory = fault(in, 32) ? fuzz_enum<hbn::Memory>(in, 3) : hbn::Memory::Host;
     const Extent e = extent_of(t);
     const size_t bytes = e.size == Size::Small || e.size == Size::Empty ? byte_size(t) : 64;
@@ -506,8 +513,8 @@ void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
     const hbn::BatchNormOptions &options = call.options;
     const Shapes shapes = fuzz_shapes(in, options.layout);
 
-    const DType data_dtype = in.ConsumeBool() ? DType::Float16 : DType::Float32;
-    const DType param_dtype = in.ConsumeBool() ? DType::Float16 : DType::Float32;
+    const DType data_dtype = fuzz_dtype(in);
+    const DType param_dtype = fuzz_dtype(in);
     Memories memory;
     memory.push_back(make_tensor(in, call.x, shapes.data, data_dtype));
     memory.push_back(make_tensor(in, call.output, fault(in, 32) ? shapes.channel : shapes.data,
@@ -715,7 +722,7 @@ void leave_out(FuzzedDataProvider &in, Tensor &a, Tensor &b, bool none) {
 }
 
 DType other_dtype(DType dtype) {
-    return dtype == DType::Float16 ? DType::Float32 : DType::Float16;
+    return dtype == DType::Float32 ? DType::Float16 : DType::Float32;
 }
 
 void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
@@ -724,8 +731,8 @@ void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
     const hbn::BatchNormOptions &options = call.options;
     const Shapes shapes = fuzz_shapes(in, options.layout);
 
-    const DType data_dtype = in.ConsumeBool() ? DType::Float16 : DType::Float32;
-    const DType param_dtype = in.ConsumeBool() ? DType::Float16 : DType::Float32;
+    const DType data_dtype = fuzz_dtype(in);
+    const DType param_dtype = fuzz_dtype(in);
     Memories memory;
     // Mostly the shape and dtype of their role, else a data tensor of the
     // per-channel shape or a mismatched valid dtype (make_tensor adds bad
