@@ -42,6 +42,19 @@ def dtype_id(dtype):
     return np.dtype(dtype).name
 
 
+class DLPackOnly:
+    """Exports a PyTorch tensor's memory through DLPack and nothing else."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, stream=None):
+        return self.tensor.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.tensor.__dlpack_device__()
+
+
 # Layout moves. hbn takes NHWC as channels last; the reference (torch) wants
 # channels on axis 1.
 def to_channels_first(a, data_format):

@@ -20,8 +20,8 @@ from torch import nn
 
 import hbn
 import hbn.torch as ht
-from conftest import (DATA_FORMATS, SHAPES, TOLERANCE, Case, assert_close, channels_of,
-                      random_case, reference_backward, reference_forward, shape_id,
+from conftest import (DATA_FORMATS, SHAPES, TOLERANCE, Case, DLPackOnly, assert_close,
+                      channels_of, random_case, reference_backward, reference_forward, shape_id,
                       to_channels_first)
 
 BF16 = torch.bfloat16
@@ -299,19 +299,6 @@ def test_nan_stays_in_its_channel(training, data_format):
     check(y, expected.y, BF16, "output")
     assert np.array_equal(torch.isnan(running_mean).numpy(), np.isnan(expected.running_mean))
     assert np.array_equal(torch.isnan(running_var).numpy(), np.isnan(expected.running_var))
-
-
-class DLPackOnly:
-    """Exports a PyTorch tensor's memory through DLPack and nothing else."""
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-    def __dlpack__(self, stream=None):
-        return self.tensor.__dlpack__()
-
-    def __dlpack_device__(self):
-        return self.tensor.__dlpack_device__()
 
 
 @pytest.mark.parametrize("name", ["input_x", "running_mean", "grad_output"])

@@ -6,19 +6,7 @@ import pytest
 import torch
 
 import hbn
-
-
-class DLPackOnly:
-    """Exports a PyTorch tensor's memory through DLPack and nothing else."""
-
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-    def __dlpack__(self, stream=None):
-        return self.tensor.__dlpack__()
-
-    def __dlpack_device__(self):
-        return self.tensor.__dlpack_device__()
+from conftest import DLPackOnly
 
 
 def reference(x, mean, var, weight, bias, eps=1e-5):
