@@ -227,9 +227,19 @@ void check_options(const BatchNormOptions &options) {
     }
 }
 
+// "Float16, Float32 or BFloat16": every DType's name.
+std::string dtype_names() {
+    std::string names;
+    for (size_t i = 0; i < dtype_infos.size(); i++) {
+        names += (i == 0 ? "" : i + 1 == dtype_infos.size() ? " or " : ", ");
+        names += dtype_infos[i].name;
+    }
+    return names;
+}
+
 void check_dtype(const Tensor &t, const char *name) {
     if (!valid_dtype(t.dtype)) {
-        fail(ErrorKind::TypeError, std::string(name) + " dtype must be Float16, Float32 or BFloat16");
+        fail(ErrorKind::TypeError, std::string(name) + " dtype must be " + dtype_names());
     }
 }
 
