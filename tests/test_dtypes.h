@@ -19,7 +19,11 @@ inline std::string dtype_tag(hbn::DType dtype) {
     }
 }
 inline std::string dtype_label(hbn::DType dtype) {
-    return (dtype == hbn::DType::BFloat16 ? "bfloat" : "float") + dtype_tag(dtype).substr(dtype_tag(dtype).size() - 2);
+    switch (dtype) {
+    case hbn::DType::Float16: return "float16";
+    case hbn::DType::BFloat16: return "bfloat16";
+    default: return "float32";
+    }
 }
 
 constexpr double unit_roundoff32 = 0x1p-24;  // float32's
