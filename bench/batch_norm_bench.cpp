@@ -13,6 +13,7 @@
 // loop), and each implementation is warmed up once and checked on a sample of
 // outputs, against a double-precision reference, after it is timed.
 #include "bench_case.h"
+#include "dtypes.h"
 
 #include <benchmark/benchmark.h>
 #include <immintrin.h>
@@ -66,9 +67,14 @@ const char *impl_name(Impl i) {
     return "?";
 }
 
-// ---- Elements: float32, float16, bfloat16 ----
-double load(const Case &c, const void *p, int64_t i) { return load_value(c.dtype, p, i); }
-void store(const Case &c, void *p, int64_t i, float v) { store_value(c.dtype, p, i, v); }
+// ---- Elements: float32, float16, bfloat16, converted as the runtime
+// converts per-channel values (runtime/dtypes.h) ----
+double load(const Case &c, const void *p, int64_t i) {
+    return hbn::internal::load_channel_value(c.dtype, p, i);
+}
+void store(const Case &c, void *p, int64_t i, float v) {
+    hbn::internal::store_channel_value(c.dtype, p, i, v);
+}
 // The element's bits.
 uint32_t load_bits(const Case &c, const void *p, int64_t i) {
     if (c.element_bytes() == 2) return static_cast<const uint16_t *>(p)[i];

@@ -2,9 +2,6 @@
 // and the interface of one implementation prepared for one case.
 #pragma once
 
-#include "bfloat16.h"
-#include "float16.h"
-
 #include <hbn/batch_norm.h>
 
 #include <cstdint>
@@ -51,23 +48,6 @@ inline const DTypeInfo &dtype_info(hbn::DType dtype) {
         if (info.dtype == dtype) return info;
     throw std::invalid_argument("bench: unknown hbn::DType " +
                                 std::to_string(static_cast<int>(dtype)));
-}
-
-// Element i of data of `dtype`, and v rounded to the nearest value of the
-// dtype into element i (runtime/float16.h and bfloat16.h, as the tests use).
-inline double load_value(hbn::DType dtype, const void *p, int64_t i) {
-    switch (dtype) {
-    case hbn::DType::Float16: return static_cast<double>(static_cast<const hbn::float16 *>(p)[i]);
-    case hbn::DType::BFloat16: return static_cast<double>(static_cast<const hbn::bfloat16 *>(p)[i]);
-    default: return static_cast<const float *>(p)[i];
-    }
-}
-inline void store_value(hbn::DType dtype, void *p, int64_t i, float v) {
-    switch (dtype) {
-    case hbn::DType::Float16: static_cast<hbn::float16 *>(p)[i] = static_cast<hbn::float16>(v); break;
-    case hbn::DType::BFloat16: static_cast<hbn::bfloat16 *>(p)[i] = hbn::bfloat16(v); break;
-    default: static_cast<float *>(p)[i] = v; break;
-    }
 }
 
 constexpr double kMomentum = 0.1;

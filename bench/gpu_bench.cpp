@@ -46,7 +46,8 @@
 //   --filter F   only the cases whose name contains F (copies always run).
 // Exits 77, after printing "CUDA benchmark skipped: <why>", where hbn's CUDA
 // backend is not usable; 1 if any case failed; else 0.
-#include "bench_case.h"  // uniform, kDTypes, to_bfloat16
+#include "bench_case.h"  // uniform, kDTypes
+#include "dtypes.h"      // store_channel_value
 
 #include <hbn/batch_norm.h>
 
@@ -333,7 +334,7 @@ void fill(CUdeviceptr dst, size_t bytes, hbn::DType dtype, uint64_t seed, float 
     std::vector<unsigned char> pattern(kPattern);
     uint64_t s = seed;
     for (size_t i = 0; i < kPattern / bench::dtype_info(dtype).bytes; i++) {
-        bench::store_value(dtype, pattern.data(), static_cast<int64_t>(i), uniform(s, lo, hi));
+        hbn::internal::store_channel_value(dtype, pattern.data(), static_cast<int64_t>(i), uniform(s, lo, hi));
     }
     for (size_t done = 0; done < bytes; done += kPattern) {
         check(cu.memcpy_htod(dst + done, pattern.data(), std::min(kPattern, bytes - done)), "cuMemcpyHtoD");
