@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cstdint>
 #include <string>
@@ -114,14 +115,12 @@ View view_of_dlpack(const char *name, py::object source) {
 // argument can be a PyTorch tensor), and kept for the process's life: a
 // static py::object would be destroyed after the interpreter.
 struct Torch {
-    py::object tensor, float16, float32, bfloat16, empty;
+    py::object tensor, empty;
+    // torch.float16, float32 and bfloat16, indexed by hbn::DType.
+    std::array<py::object, 3> dtypes;
 
     const py::object &dtype_of(hbn::DType dtype) const {
-        switch (dtype) {
-        case hbn::DType::Float16: return float16;
-        case hbn::DType::BFloat16: return bfloat16;
-        default: return float32;
-        }
+        return dtypes[static_cast<size_t>(dtype)];
     }
 };
 
@@ -130,8 +129,9 @@ const Torch *imported_torch() {
     if (!torch) {
         if (PyObject *module = PyDict_GetItemString(PyImport_GetModuleDict(), "torch")) {
             const py::handle m(module);
-            torch = new Torch{m.attr("Tensor"), m.attr("float16"), m.attr("float32"), m.attr("bfloat16"),
-                              m.attr("empty")};
+            torch = new Torch{m.attr("Tensor"),
+                              m.attr("empty"),
+                              {m.attr("float16"), m.attr("float32"), m.attr("bfloat16")}};
         }
     }
     return torch;
@@ -155,15 +155,12 @@ View view_of_torch(const char *name, py::object source, const Torch &torch) {
     }
     View view;
     const py::object dtype = source.attr("dtype");
-    if (dtype.is(torch.float16)) {
-        view.tensor.dtype = hbn::DType::Float16;
-    } else if (dtype.is(torch.float32)) {
-        view.tensor.dtype = hbn::DType::Float32;
-    } else if (dtype.is(torch.bfloat16)) {
-        view.tensor.dtype = hbn::DType::BFloat16;
-    } else {
+    const auto known = std::find_if(torch.dtypes.begin(), torch.dtypes.end(),
+                                    [&](const py::object &torch_dtype) { return dtype.is(torch_dtype); });
+    if (known == torch.dtypes.end()) {
         fail_dtype(name, py::str(dtype));
     }
+    view.tensor.dtype = static_cast<hbn::DType>(known - torch.dtypes.begin());
     view.tensor.shape = source.attr("shape").cast<std::vector<int64_t>>();
     check_row_major(name, view.tensor.shape, source.attr("stride")().cast<std::vector<int64_t>>());
     view.tensor.data = reinterpret_cast<void *>(source.attr("data_ptr")().cast<uintptr_t>());

@@ -25,11 +25,12 @@ def batch_norm(input_x, running_mean, running_var, weight, bias, training=False,
 
     input_x: float16, float32 or bfloat16 (PyTorch tensors only: NumPy has no bfloat16), rank
     >= 2, channels on axis 1 (data_format="NCHW") or last ("NHWC"). running_mean, running_var,
-    weight, bias: shape (C,), one dtype (any of the three). Inference (training=False) normalizes with the running statistics; training with
-    the batch mean and biased variance, and updates running_mean and running_var in place:
-    running = (1 - momentum) * running + momentum * batch (the variance unbiased, M / (M - 1)).
-    A failed call changes nothing. device: "auto", "cpu", "opencl" or "cuda" (host arrays are
-    copied to and from the device). Returns the output, a new array of input_x's kind.
+    weight, bias: shape (C,), one dtype (any of the three). Inference (training=False)
+    normalizes with the running statistics; training with the batch mean and biased variance,
+    and updates running_mean and running_var in place: running = (1 - momentum) * running +
+    momentum * batch (the variance unbiased, M / (M - 1)). A failed call changes nothing.
+    device: "auto", "cpu", "opencl" or "cuda" (host arrays are copied to and from the device).
+    Returns the output, a new array of input_x's kind.
 
     all_reduce: synchronized batch norm (SyncBN) in training. Each process passes its part of
     the batch, and all_reduce(values) must sum the float64 NumPy array `values` across the
