@@ -9,7 +9,9 @@
 // running_mean and 1 / sqrt(running_var + eps) in inference: the runtime
 // passes whichever the mode uses. The two sums are the only reductions, and
 // both modes need them (for grad_weight and grad_bias); the elementwise pass
-// follows them, as in the training forward.
+// follows them, as in the training forward. Through the fused epilogue, dy
+// is the gradient of batch norm's own output (see GradientGenerator), and it
+// is also written out as grad_residual.
 #include "grad_input.h"
 
 namespace {
@@ -30,6 +32,14 @@ public:
     // In double: the runtime adds them up across slices and processes.
     Output<Buffer<double, 1>> grad_weight{"grad_weight"};
     Output<Buffer<double, 1>> grad_bias{"grad_bias"};
+    // Of x's type and shape; the runtime gives it no rows when unwanted.
+    Output<Buffer<>> grad_residual{"grad_residual"};
+
+    void configure() {
+        GradientGenerator<BatchNormBackward>::configure();
+        grad_residual.set_type(storage_type(data_type));
+        grad_residual.set_dimensions(data_dimensions(layout));
+    }
 
     void generate() {
         const DataVars v(layout);
@@ -40,7 +50,7 @@ public:
         // exact to ~1e-9 for more than 2^24 values, a mean/std ratio of 1e4
         // in x, or a large common offset in dy, where float32 sums are not.
         const ChannelValues values(input, layout);
-        const Expr channel_dy = cast<double>(load_float(grad_output(values.of(c))));
+        const Expr channel_dy = cast<double>(normalized_gradient(values.of(c)));
         const Expr channel_centered = cast<double>(load_float(input(values.of(c)))) - mean(c);
         Func sums{"sums"};
         sums(c) = Tuple(cast<double>(0), cast<double>(0));
@@ -57,11 +67,12 @@ public:
         terms(c) = grad_input_terms(cast<double>(weight(c)) * inv_std(c), sums(c)[0] / count,
                                     sums(c)[1] * inv_std(c) / count, inv_std(c));
         const GradInputTerms t(terms(c));
-        const Expr dy = load_float(grad_output(v.args)), x = load_float(input(v.args));
+        const Expr dy = normalized_gradient(v.args), x = load_float(input(v.args));
         const BothPrecisions trained = training_grad_input(dy, x, mean(c), t, is_16_bit());
         const Expr dx_f64 = select(training, trained.f64, t.scale.f64 * dy);
         const Expr dx_f32 = select(training, trained.f32, t.scale.f32 * dy);
         output(v.args) = to_storage(select(in_double, cast<float>(dx_f64), dx_f32));
+        grad_residual(v.args) = to_storage(dy);  // exact: a stored dy, or 0
 
         // Estimates
         set_data_estimates();
@@ -70,6 +81,7 @@ public:
         weight.set_estimates({{0, estimated_channels}});
         grad_weight.set_estimates({{0, estimated_channels}});
         grad_bias.set_estimates({{0, estimated_channels}});
+        grad_residual.set_estimates(data_estimates());
         training.set_estimate(true);
         in_double.set_estimate(false);
 
@@ -80,20 +92,26 @@ public:
         }
         const int vector_size = get_target().natural_vector_size<float>();
         const std::vector<Func> channel_outputs = {grad_weight, grad_bias};
-        const std::vector<Expr> flags = {training, in_double};
+        // Double is rare, so its variant keeps the other flags as selects;
+        // inference's grad_input is cheap enough to select between in the
+        // ReLU variant.
+        const std::vector<Expr> variants = {in_double, relu, training};
         if (get_target().has_gpu_feature()) {
-            schedule_sums_gpu(sums, values.r, c, layout);
+            schedule_sums_gpu(sums, values.r, c, layout, {relu});
             schedule_per_channel_gpu({terms}, c);
             schedule_per_channel_gpu(channel_outputs, c);
-            schedule_elementwise_gpu(output, v, layout, flags);
+            schedule_elementwise_gpu(output, v, layout, variants);
+            schedule_elementwise_gpu(grad_residual, v, layout, {relu});
         } else if (layout == Layout::NCHW) {
-            schedule_sums_nchw_cpu(sums, values.r, c, vector_size);
-            schedule_slab_by_slab_cpu(output, channel_outputs, {sums, terms}, v, parallel, vector_size, flags);
+            schedule_sums_nchw_cpu(sums, values.r, c, vector_size, {relu});
+            schedule_slab_by_slab_cpu(output, channel_outputs, {sums, terms}, v, parallel, vector_size, variants);
+            schedule_elementwise_cpu(grad_residual, v, layout, parallel, get_target(), {relu});
         } else {
             // Both sums first, then the elementwise pass.
-            schedule_sums_nhwc_cpu(sums, values.r, c, vector_size, parallel);
+            schedule_sums_nhwc_cpu(sums, values.r, c, vector_size, parallel, {relu});
             terms.compute_root();
-            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), flags);
+            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), variants);
+            schedule_elementwise_cpu(grad_residual, v, layout, parallel, get_target(), {relu});
         }
     }
 };

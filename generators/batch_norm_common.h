@@ -133,9 +133,15 @@ protected:
     }
 };
 
+// A value in double and in float32 arithmetic; the pipeline picks one.
+struct BothPrecisions {
+    Expr f64, f32;
+};
+
 // y = (x - mean) * scale + bias, with x a float32 value. Subtracting the mean first (rather than folding it
 // into the bias) makes a constant channel give exactly bias.
-// The arithmetic is float32, unless `in_double`: weight / sqrt(var + eps)
+// The arithmetic is float32, unless the pipeline's `in_double` flag picks
+// the double value: weight / sqrt(var + eps)
 // leaves float's range for a tiny eps (down to 5e-324) and a small variance,
 // and a float scale of inf would turn a constant channel's zero into NaN. So
 // the runtime asks for double, rounded once at the end, when
@@ -147,24 +153,96 @@ protected:
 struct ChannelTerm {
     Expr f32, f64;
 };
-inline Expr normalized(const Expr &x, const ChannelTerm &mean, const ChannelTerm &scale,
-                       const ChannelTerm &bias, const Expr &in_double) {
-    return select(in_double, cast<float>((cast<double>(x) - mean.f64) * scale.f64 + bias.f64),
-                  (x - mean.f32) * scale.f32 + bias.f32);
+inline BothPrecisions normalized(const Expr &x, const ChannelTerm &mean, const ChannelTerm &scale,
+                                 const ChannelTerm &bias) {
+    return {(cast<double>(x) - mean.f64) * scale.f64 + bias.f64, (x - mean.f32) * scale.f32 + bias.f32};
 }
 // A float32 per-channel value as a term.
 inline ChannelTerm channel_term(const Expr &value) {
     return {value, cast<double>(value)};
 }
 
-// Specializes `stage` on every combination of the boolean `flags`, so that
-// each run executes one branch-free variant of it.
-inline void specialize_on(Stage stage, const std::vector<Expr> &flags, size_t first = 0) {
-    if (first == flags.size()) {
-        return;
+// ReLU and its gradient are decided on a float32's bits, read as int32:
+// Halide compiles floats with LLVM's no-NaN flags, under which a float
+// comparison may fold a NaN test away (and max() drops a NaN). Bits at or
+// below those of -inf are -0, the negative numbers and -inf; above them, as
+// negative integers, lie the NaNs with the sign bit set.
+inline Expr float_bits(const Expr &value) {
+    return reinterpret<int32_t>(value);
+}
+constexpr int32_t negative_infinity_bits = -8388608;  // 0xff800000
+
+// max(y, 0) that keeps NaN: zero for y <= 0 (-0 included, which becomes +0).
+inline Expr rectified(const Expr &y) {
+    return select(float_bits(y) <= negative_infinity_bits, 0.0f, y);
+}
+
+// The gradient through y = relu(z), from y: dy where y > 0 or y is NaN, and
+// 0 where y <= 0, as PyTorch's ReLU backward (threshold_backward on the
+// output) gives it.
+inline Expr relu_gradient(const Expr &dy, const Expr &y) {
+    const Expr bits = float_bits(y);
+    return select(bits <= negative_infinity_bits || bits == 0, 0.0f, dy);
+}
+
+// The forward pipelines' fused epilogue (ResNet's BN -> ReLU and
+// BN -> add -> ReLU), in the normalizing pass so that neither op reads and
+// writes the tensor again:
+//   output = relu(normalized + residual), each part when its flag is set.
+template<typename T>
+class NormalizingGenerator : public BatchNormGenerator<T> {
+public:
+    // Of input's type and shape. Read only when add_residual: without one,
+    // the runtime passes input again.
+    GeneratorInput<Buffer<>> residual{"residual"};
+    GeneratorInput<bool> add_residual{"add_residual"};
+    GeneratorInput<bool> relu{"relu"};
+
+    void configure() {
+        BatchNormGenerator<T>::configure();
+        residual.set_type(storage_type(this->data_type));
+        residual.set_dimensions(data_dimensions(this->layout));
     }
-    specialize_on(stage.specialize(flags[first]), flags, first + 1);
-    specialize_on(stage, flags, first + 1);
+
+protected:
+    // The stored output at `at` for a normalized value `z`. The residual is
+    // added in the precision `in_double` picks, so either path rounds once.
+    // `at`: Vars or Exprs.
+    template<typename Args>
+    Expr fused_output(const BothPrecisions &z, const Expr &in_double, const Args &at) const {
+        const Expr r = this->load_float(residual(at));
+        const Expr sum_f64 = select(add_residual, z.f64 + cast<double>(r), z.f64);
+        const Expr sum_f32 = select(add_residual, z.f32 + r, z.f32);
+        const Expr y = select(in_double, cast<float>(sum_f64), sum_f32);
+        return this->to_storage(select(relu, rectified(y), y));
+    }
+
+    // The variants of the elementwise pass: double (rare, so its epilogue
+    // stays a select), any epilogue, and plain BN (the default), which
+    // stays as it was.
+    std::vector<Expr> elementwise_variants(const Expr &in_double) const {
+        return {in_double, relu || add_residual};
+    }
+
+    void set_data_estimates() {
+        BatchNormGenerator<T>::set_data_estimates();
+        residual.set_estimates(this->data_estimates());
+        // With the epilogue on: an autoscheduler that folds the flags to
+        // their estimates then still sees the residual read (Mullapudi2016
+        // fails an internal assertion on an input it never sees read).
+        add_residual.set_estimate(true);
+        relu.set_estimate(true);
+    }
+};
+
+// Specializes `stage` on each of `conditions` in turn: a run executes the
+// variant of the first that holds, or the default. Halide simplifies each
+// later variant, and the default, knowing that the earlier conditions failed,
+// so a variant is branch-free wherever its flags are known.
+inline void specialize_in_turn(Stage stage, const std::vector<Expr> &conditions) {
+    for (const Expr &condition : conditions) {
+        stage.specialize(condition);
+    }
 }
 
 // CPU schedule of the elementwise pass writing `output`: vectorized along
@@ -173,9 +251,9 @@ inline void specialize_on(Stage stage, const std::vector<Expr> &flags, size_t fi
 // (mid, 64 channels, float16: 0.65 ms with 64 rows, 0.48-0.51 ms with 512).
 // The factor stays a constant: with one computed from the channel count,
 // Halide's bounds for an output of no rows reach before the input's start.
-// `flags` are the pipeline's boolean inputs the pass specializes on.
+// `variants`: the conditions the pass specializes on (specialize_in_turn).
 inline void schedule_elementwise_cpu(Func output, const DataVars &v, Layout layout, bool parallel,
-                                   const Target &target, const std::vector<Expr> &flags) {
+                                   const Target &target, const std::vector<Expr> &variants) {
     const int vector_size = target.natural_vector_size<float>();
     Var rows{"rows"}, row_block{"row_block"};
     if (layout == Layout::NCHW) {
@@ -189,13 +267,13 @@ inline void schedule_elementwise_cpu(Func output, const DataVars &v, Layout layo
     if (parallel) {
         output.parallel(row_block);
     }
-    specialize_on(output, flags);  // after the directives, which it inherits
+    specialize_in_turn(output, variants);  // after the directives, which it inherits
 }
 
 // GPU schedule of the elementwise pass: a thread per element, neighbouring
 // threads on neighbouring addresses (the dense axis) so accesses coalesce.
 inline void schedule_elementwise_gpu(Func output, const DataVars &v, Layout layout,
-                                   const std::vector<Expr> &flags) {
+                                   const std::vector<Expr> &variants) {
     Var block_x{"block_x"}, block_y{"block_y"}, thread_x{"thread_x"}, thread_y{"thread_y"};
     if (layout == Layout::NCHW) {
         Var rows{"rows"};
@@ -206,12 +284,13 @@ inline void schedule_elementwise_gpu(Func output, const DataVars &v, Layout layo
         output.gpu_tile(v.c, v.m, block_x, block_y, thread_x, thread_y, 32, 8,
                         TailStrategy::GuardWithIf);
     }
-    specialize_on(output, flags);
+    specialize_in_turn(output, variants);
 }
 
 // Schedules of the per-channel sums, `sums(c)` with one update over a
 // ChannelValues' `r`, shared by the pipelines that reduce every value of a
 // channel (training: sum(d), sum(d^2); backward: sum(dy), sum(dy * (x - mean))).
+// `variants` specialize the stage that reads every value (specialize_in_turn).
 
 // CPU, NCHW, with `sums` computed per channel inside the caller's loop: vector
 // lanes along the dense inner axis, and the slab's rows (images n) four at a
@@ -220,7 +299,8 @@ inline void schedule_elementwise_gpu(Func output, const DataVars &v, Layout layo
 // prefetch to keep DRAM busy; four streams keep more reads in flight
 // (training, large: 52 -> 45.6 ms; a plain loop of the same shape: 17.4 ->
 // 22 GB/s).
-inline void schedule_sums_nchw_cpu(Func sums, const RDom &r, const Var &c, int vector_size) {
+inline void schedule_sums_nchw_cpu(Func sums, const RDom &r, const Var &c, int vector_size,
+                                   const std::vector<Expr> &variants = {}) {
     RVar inner_outer, inner_lane, n_outer, n_stream;
     Var lane{"lane"}, stream{"stream"};
     Func lane_sums = sums.update()
@@ -229,6 +309,7 @@ inline void schedule_sums_nchw_cpu(Func sums, const RDom &r, const Var &c, int v
                          .rfactor({{inner_lane, lane}, {n_stream, stream}});
     lane_sums.compute_at(sums, c).vectorize(lane);
     lane_sums.update().reorder(lane, stream, inner_outer, n_outer).vectorize(lane).unroll(stream);
+    specialize_in_turn(lane_sums.update(), variants);
 }
 
 // CPU, NHWC (channels are the dense axis), computed at root: in parallel over
@@ -239,7 +320,8 @@ inline void schedule_sums_nchw_cpu(Func sums, const RDom &r, const Var &c, int v
 // against one vector). The block's four quarters are read side by side, as
 // four streams, for the same reason as NCHW's four rows (large 51-53 -> 45
 // ms, float16 69-70 -> 51-53 ms).
-inline void schedule_sums_nhwc_cpu(Func sums, const RDom &r, const Var &c, int vector_size, bool parallel) {
+inline void schedule_sums_nhwc_cpu(Func sums, const RDom &r, const Var &c, int vector_size, bool parallel,
+                                   const std::vector<Expr> &variants = {}) {
     RVar block, row, row_stream;
     Var row_block{"row_block"}, c_vector{"c_vector"};
     Func block_sums = sums.update()
@@ -255,6 +337,7 @@ inline void schedule_sums_nhwc_cpu(Func sums, const RDom &r, const Var &c, int v
     if (parallel) {
         block_sums.update().parallel(row_block);
     }
+    specialize_in_turn(block_sums.update(), variants);
     sums.compute_root().update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
 }
 
@@ -262,7 +345,8 @@ inline void schedule_sums_nhwc_cpu(Func sums, const RDom &r, const Var &c, int v
 // channel, in parallel over channels and slices, then a thread per channel
 // adds its partials. Threads on neighbouring addresses, so that loads
 // coalesce.
-inline void schedule_sums_gpu(Func sums, const RDom &r, const Var &c, Layout layout) {
+inline void schedule_sums_gpu(Func sums, const RDom &r, const Var &c, Layout layout,
+                              const std::vector<Expr> &variants = {}) {
     Var part{"part"}, c_block{"c_block"}, c_thread{"c_thread"};
     Func partial_sums;
     if (layout == Layout::NCHW) {
@@ -292,6 +376,7 @@ inline void schedule_sums_gpu(Func sums, const RDom &r, const Var &c, Layout lay
             .gpu_blocks(c_block, part)
             .gpu_threads(c_thread);
     }
+    specialize_in_turn(partial_sums.update(), variants);
     sums.compute_root().gpu_tile(c, c_block, c_thread, 64, TailStrategy::GuardWithIf);
     sums.update().gpu_tile(c, c_block, c_thread, 64, TailStrategy::GuardWithIf);
 }
@@ -311,7 +396,7 @@ inline void schedule_per_channel_gpu(const std::vector<Func> &funcs, const Var &
 // include the sums) inside its loop over channels.
 inline void schedule_slab_by_slab_cpu(Func output, const std::vector<Func> &channel_outputs,
                                       const std::vector<Func> &channel_funcs, const DataVars &v,
-                                      bool parallel, int vector_size, const std::vector<Expr> &flags) {
+                                      bool parallel, int vector_size, const std::vector<Expr> &variants) {
     output.reorder(v.inner, v.n, v.c).vectorize(v.inner, vector_size, TailStrategy::GuardWithIf);
     if (parallel) {
         output.parallel(v.c);
@@ -325,7 +410,7 @@ inline void schedule_slab_by_slab_cpu(Func output, const std::vector<Func> &chan
     for (Func f : channel_funcs) {
         f.compute_at(output, v.c);
     }
-    specialize_on(output, flags);
+    specialize_in_turn(output, variants);
 }
 
 }  // namespace hbn_generators

@@ -28,7 +28,7 @@ public:
         // Algorithm
         Func terms{"terms"};
         terms(c) = grad_input_terms(scale(c), mean_dy(c), slope(c), inv_std(c));
-        const Expr dy = load_float(grad_output(v.args)), x = load_float(input(v.args));
+        const Expr dy = normalized_gradient(v.args), x = load_float(input(v.args));
         const BothPrecisions dx = training_grad_input(dy, x, mean(c), GradInputTerms(terms(c)), is_16_bit());
         output(v.args) = to_storage(select(in_double, cast<float>(dx.f64), dx.f32));
 
@@ -48,10 +48,10 @@ public:
         if (get_target().has_gpu_feature()) {
             // Inlined: converting the terms in every thread is cheaper than
             // a kernel launch for them.
-            schedule_elementwise_gpu(output, v, layout, {in_double});
+            schedule_elementwise_gpu(output, v, layout, {in_double, relu});
         } else {
             terms.compute_root();
-            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), {in_double});
+            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), {in_double, relu});
         }
     }
 };

@@ -1,6 +1,8 @@
-// Inference: normalize with the running statistics.
-//   y = (x - running_mean) * (weight / sqrt(running_var + eps)) + bias
-// One read and one write per element; the per-channel scale is folded once.
+// Inference: normalize with the running statistics, and the fused epilogue
+// (see NormalizingGenerator).
+//   y = relu((x - running_mean) * (weight / sqrt(running_var + eps)) + bias + residual)
+// One read and one write per element (and a read of the residual when it is
+// added); the per-channel scale is folded once.
 #include "batch_norm_common.h"
 
 namespace {
@@ -8,7 +10,7 @@ namespace {
 using namespace Halide;
 using namespace hbn_generators;
 
-class BatchNormInference : public BatchNormGenerator<BatchNormInference> {
+class BatchNormInference : public NormalizingGenerator<BatchNormInference> {
 public:
     Input<Buffer<float, 1>> running_mean{"running_mean"};
     Input<Buffer<float, 1>> running_var{"running_var"};
@@ -24,9 +26,9 @@ public:
         Func scale{"scale"};  // in double, and as float32
         const Expr scale_f64 = cast<double>(weight(v.c)) / sqrt(cast<double>(running_var(v.c)) + eps);
         scale(v.c) = Tuple(scale_f64, cast<float>(scale_f64));
-        output(v.args) = to_storage(normalized(load_float(input(v.args)), channel_term(running_mean(v.c)),
-                                               {scale(v.c)[1], scale(v.c)[0]}, channel_term(bias(v.c)),
-                                               scale_in_double));
+        output(v.args) = fused_output(normalized(load_float(input(v.args)), channel_term(running_mean(v.c)),
+                                                 {scale(v.c)[1], scale(v.c)[0]}, channel_term(bias(v.c))),
+                                      scale_in_double, v.args);
 
         // Estimates
         set_data_estimates();
@@ -41,13 +43,14 @@ public:
             hbn_schedules::apply_checked_in(get_pipeline(), get_target(), schedule)) {
             return;
         }
+        const std::vector<Expr> variants = elementwise_variants(scale_in_double);
         if (get_target().has_gpu_feature()) {
             // Inlined: recomputing the scale in every thread is cheaper than
             // a kernel launch for it.
-            schedule_elementwise_gpu(output, v, layout, {scale_in_double});
+            schedule_elementwise_gpu(output, v, layout, variants);
         } else {
             scale.compute_root();
-            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), {scale_in_double});
+            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), variants);
         }
     }
 };

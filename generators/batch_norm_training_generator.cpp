@@ -1,6 +1,7 @@
 // Training: normalize with the batch statistics, and emit them.
 //   mean, var = per-channel batch mean and biased variance
-//   y = (x - mean) * (weight / sqrt(var + eps)) + bias
+//   y = relu((x - mean) * (weight / sqrt(var + eps)) + bias + residual)
+// with the fused epilogue of NormalizingGenerator.
 // The running-statistics update is left to the caller, which commits it only
 // once the whole pipeline has succeeded.
 #include "batch_norm_common.h"
@@ -10,7 +11,7 @@ namespace {
 using namespace Halide;
 using namespace hbn_generators;
 
-class BatchNormTraining : public BatchNormGenerator<BatchNormTraining> {
+class BatchNormTraining : public NormalizingGenerator<BatchNormTraining> {
 public:
     Input<Buffer<float, 1>> weight{"weight"};
     Input<Buffer<float, 1>> bias{"bias"};
@@ -68,9 +69,9 @@ public:
         Func scale{"scale"};  // in double, and as float32
         const Expr scale_f64 = cast<double>(weight(c)) * statistics(c)[2];
         scale(c) = Tuple(scale_f64, cast<float>(scale_f64));
-        output(v.args) = to_storage(normalized(load_float(input(v.args)), {statistics(c)[3], statistics(c)[0]},
-                                               {scale(c)[1], scale(c)[0]}, channel_term(bias(c)),
-                                               scale_in_double));
+        output(v.args) = fused_output(normalized(load_float(input(v.args)), {statistics(c)[3], statistics(c)[0]},
+                                                 {scale(c)[1], scale(c)[0]}, channel_term(bias(c))),
+                                      scale_in_double, v.args);
 
         // Estimates
         set_data_estimates();
@@ -90,21 +91,22 @@ public:
         }
         const int vector_size = get_target().natural_vector_size<float>();
         const std::vector<Func> channel_outputs = {batch_mean, batch_var, batch_inv_std};
+        const std::vector<Expr> variants = elementwise_variants(scale_in_double);
         if (get_target().has_gpu_feature()) {
             schedule_sums_gpu(sums, values.r, c, layout);
             schedule_per_channel_gpu({statistics}, c);
             schedule_per_channel_gpu(channel_outputs, c);
-            schedule_elementwise_gpu(output, v, layout, {scale_in_double});
+            schedule_elementwise_gpu(output, v, layout, variants);
         } else if (layout == Layout::NCHW) {
             schedule_sums_nchw_cpu(sums, values.r, c, vector_size);
             schedule_slab_by_slab_cpu(output, channel_outputs, {statistics, sums, scale}, v, parallel,
-                                      vector_size, {scale_in_double});
+                                      vector_size, variants);
         } else {
             // All statistics first, then the elementwise pass.
             schedule_sums_nhwc_cpu(sums, values.r, c, vector_size, parallel);
             statistics.compute_root();
             scale.compute_root();
-            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), {scale_in_double});
+            schedule_elementwise_cpu(output, v, layout, parallel, get_target(), variants);
         }
     }
 };

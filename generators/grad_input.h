@@ -8,22 +8,40 @@
 namespace hbn_generators {
 
 // What both backward pipelines take: `input` is x, grad_output dy (of x's
-// type and layout), and `output` grad_input.
+// type and layout), and `output` grad_input. Through a forward with the
+// fused ReLU (`relu`), the gradient that reaches batch norm is dy masked by
+// the forward's output y (forward_output); without it, the runtime passes
+// grad_output again as forward_output, which is then not read.
 template<typename T>
 class GradientGenerator : public BatchNormGenerator<T> {
 public:
     GeneratorInput<Buffer<>> grad_output{"grad_output"};
+    GeneratorInput<Buffer<>> forward_output{"forward_output"};
+    GeneratorInput<bool> relu{"relu"};
 
     void configure() {
         BatchNormGenerator<T>::configure();
-        grad_output.set_type(storage_type(this->data_type));
-        grad_output.set_dimensions(data_dimensions(this->layout));
+        for (auto *data : {&grad_output, &forward_output}) {
+            data->set_type(storage_type(this->data_type));
+            data->set_dimensions(data_dimensions(this->layout));
+        }
     }
 
 protected:
+    // The gradient at `at` with respect to batch norm's own output z, where
+    // y = relu(z + residual): dy, masked by y when relu. It is the residual's
+    // gradient too. `at`: Vars or Exprs.
+    template<typename Args>
+    Expr normalized_gradient(const Args &at) const {
+        const Expr dy = this->load_float(grad_output(at));
+        return select(relu, relu_gradient(dy, this->load_float(forward_output(at))), dy);
+    }
+
     void set_data_estimates() {
         BatchNormGenerator<T>::set_data_estimates();
         grad_output.set_estimates(this->data_estimates());
+        forward_output.set_estimates(this->data_estimates());
+        relu.set_estimate(true);  // see NormalizingGenerator::set_data_estimates
     }
 };
 
@@ -44,11 +62,6 @@ inline Tuple grad_input_terms(const Expr &scale, const Expr &mean_dy, const Expr
     return Tuple(scale, mean_dy, slope, inv_std, cast<float>(scale), cast<float>(mean_dy), cast<float>(slope),
                  cast<float>(inv_std));
 }
-
-// A value in double and in float32 arithmetic; the pipeline picks one.
-struct BothPrecisions {
-    Expr f64, f32;
-};
 
 // Training: grad_input = scale * ((dy - mean_dy) - (x - mean) * inv_std * slope),
 // with dy and x float32 values and `mean` channel c's float32 mean.

@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "buffers.h"
 #include "collective.h"
+#include "epilogue.h"
 #include "gpu_call.h"
 #include "halide_call.h"
 #include "kernels.h"
@@ -32,31 +33,34 @@ bool scale_in_double(const ChannelFloats &weight, double eps) {
 }
 
 // Normalizes each slice of x into output with per-channel float32 `mean` and
-// `var` (over every channel): the inference kernel, streamed where the
-// slice's output is large.
+// `var` (over every channel), and the options' epilogue: the inference
+// kernel, streamed where the slice's output is large.
 void normalize(Device device, const Tensor &x, const Tensor &output, const std::vector<Slice> &slices,
                const float *mean, const float *var, const ChannelFloats &weight, const ChannelFloats &bias,
-               double eps, const char *what) {
+               const BatchNormOptions &options, const char *what) {
+    const double eps = options.eps;
     const bool in_double = scale_in_double(weight, eps);
     for (const Slice &slice : slices) {
         HalideBuffer input_buffer(x, slice), output_buffer(output, slice);
         HalideBuffer mean_buffer(mean, slice), var_buffer(var, slice), weight_buffer(weight.data(), slice),
             bias_buffer(bias.data(), slice);
+        const ForwardEpilogue epilogue(options, slice, input_buffer);
         const Kernels kernels = kernels_for(device, x.dtype, slice);
         call_pipeline(
             device,
-            {{input_buffer.get(), &x}, {mean_buffer.get()}, {var_buffer.get()}, {weight_buffer.get()},
-             {bias_buffer.get()}},
+            {{input_buffer.get(), &x}, epilogue.residual.call_buffer(), {mean_buffer.get()}, {var_buffer.get()},
+             {weight_buffer.get()}, {bias_buffer.get()}},
             {{output_buffer.get(), &output}},
             [&](void *context) {
                 if (kernels.streamed_chunk) {
                     return run_streamed_inference(context, kernels.streamed_chunk, input_buffer.get(),
+                                                  epilogue.residual.get(), epilogue.add_residual, epilogue.relu,
                                                   mean_buffer.get(), var_buffer.get(), weight_buffer.get(),
                                                   bias_buffer.get(), eps, in_double, output_buffer.get());
                 }
-                return kernels.inference(context, input_buffer.get(), mean_buffer.get(), var_buffer.get(),
-                                         weight_buffer.get(), bias_buffer.get(), eps, in_double,
-                                         output_buffer.get());
+                return kernels.inference(context, input_buffer.get(), epilogue.residual.get(), epilogue.add_residual,
+                                         epilogue.relu, mean_buffer.get(), var_buffer.get(), weight_buffer.get(),
+                                         bias_buffer.get(), eps, in_double, output_buffer.get());
             },
             what);
     }
@@ -94,8 +98,8 @@ void infer(const ForwardArguments &args, const BatchNormOptions &options) {
     const int64_t channels = view.channels;
     const ChannelFloats mean(args.running_mean, channels), var(args.running_var, channels),
         weight(args.weight, channels), bias(args.bias, channels);
-    normalize(device, args.input_x, args.output, slices_of(view), mean.data(), var.data(), weight, bias,
-              options.eps, "hbn::batch_norm: inference pipeline");
+    normalize(device, args.input_x, args.output, slices_of(view), mean.data(), var.data(), weight, bias, options,
+              "hbn::batch_norm: inference pipeline");
 }
 
 // One fused kernel: statistics, then normalization from cache.
@@ -114,32 +118,38 @@ void train_in_one_call(const ForwardArguments &args, const BatchNormOptions &opt
     HalideBuffer input_buffer(x, slice), output_buffer(output, slice), weight_buffer(weight.data(), channels),
         bias_buffer(bias.data(), channels), mean_buffer(batch.mean.data(), channels),
         var_buffer(batch.var.data(), channels), inv_std_buffer(inv_std.data(), channels);
+    const ForwardEpilogue epilogue(options, slice, input_buffer);
     const Kernels kernels = kernels_for(device, x.dtype, slice);
     // A large output is streamed: the training kernel computes only the
     // statistics, and the streamed inference pass normalizes with them.
     std::vector<float> mean_f32, var_f32;
     call_pipeline(
-        device, {{input_buffer.get(), &x}, {weight_buffer.get()}, {bias_buffer.get()}},
+        device, {{input_buffer.get(), &x}, epilogue.residual.call_buffer(), {weight_buffer.get()}, {bias_buffer.get()}},
         {{output_buffer.get(), &output}, {mean_buffer.get()}, {var_buffer.get()}, {inv_std_buffer.get()}},
         [&](void *context) {
             if (!kernels.streamed_chunk) {
-                return kernels.training(context, input_buffer.get(), weight_buffer.get(), bias_buffer.get(), eps,
-                                        in_double, output_buffer.get(), mean_buffer.get(), var_buffer.get(),
+                return kernels.training(context, input_buffer.get(), epilogue.residual.get(), epilogue.add_residual,
+                                        epilogue.relu, weight_buffer.get(), bias_buffer.get(), eps, in_double,
+                                        output_buffer.get(), mean_buffer.get(), var_buffer.get(),
                                         inv_std_buffer.get());
             }
+            // The statistics alone: no output, so no epilogue (the input
+            // stands in for the residual).
             UnwantedOutput no_output(device, x.dtype, slice);
-            const int status = kernels.training(context, input_buffer.get(), weight_buffer.get(),
-                                                bias_buffer.get(), eps, in_double, no_output.get(),
-                                                mean_buffer.get(), var_buffer.get(), inv_std_buffer.get());
+            const int status = kernels.training(context, input_buffer.get(), input_buffer.get(), false, false,
+                                                weight_buffer.get(), bias_buffer.get(), eps, in_double,
+                                                no_output.get(), mean_buffer.get(), var_buffer.get(),
+                                                inv_std_buffer.get());
             if (status != 0) {
                 return status;
             }
             mean_f32.assign(batch.mean.begin(), batch.mean.end());
             var_f32.assign(batch.var.begin(), batch.var.end());
             HalideBuffer mean_f32_buffer(mean_f32.data(), channels), var_f32_buffer(var_f32.data(), channels);
-            return run_streamed_inference(context, kernels.streamed_chunk, input_buffer.get(), mean_f32_buffer.get(),
-                                          var_f32_buffer.get(), weight_buffer.get(), bias_buffer.get(), eps,
-                                          in_double, output_buffer.get());
+            return run_streamed_inference(context, kernels.streamed_chunk, input_buffer.get(),
+                                          epilogue.residual.get(), epilogue.add_residual, epilogue.relu,
+                                          mean_f32_buffer.get(), var_f32_buffer.get(), weight_buffer.get(),
+                                          bias_buffer.get(), eps, in_double, output_buffer.get());
         },
         "hbn::batch_norm: training pipeline");
     commit(args, options, batch);
@@ -176,9 +186,11 @@ void train_in_parts(const ForwardArguments &args, const BatchNormOptions &option
                 device, {{input_buffer.get(), &x}, {weight_buffer.get()}, {bias_buffer.get()}},
                 {{no_output.get()}, {mean_buffer.get()}, {var_buffer.get()}, {inv_std_buffer.get()}},
                 [&](void *context) {
-                    return kernels.training(context, input_buffer.get(), weight_buffer.get(), bias_buffer.get(),
-                                            options.eps, false, no_output.get(), mean_buffer.get(),
-                                            var_buffer.get(), inv_std_buffer.get());
+                    // No output, so no epilogue: the input stands in for the residual.
+                    return kernels.training(context, input_buffer.get(), input_buffer.get(), false, false,
+                                            weight_buffer.get(), bias_buffer.get(), options.eps, false,
+                                            no_output.get(), mean_buffer.get(), var_buffer.get(),
+                                            inv_std_buffer.get());
                 },
                 "hbn::batch_norm: training statistics");
             partial.add(part);
@@ -196,7 +208,7 @@ void train_in_parts(const ForwardArguments &args, const BatchNormOptions &option
         }
         const std::vector<float> mean(batch.mean.begin(), batch.mean.end()), var(batch.var.begin(), batch.var.end());
         const ChannelFloats weight(args.weight, view.channels), bias(args.bias, view.channels);
-        normalize(device, x, args.output, slices, mean.data(), var.data(), weight, bias, options.eps,
+        normalize(device, x, args.output, slices, mean.data(), var.data(), weight, bias, options,
                   "hbn::batch_norm: training pipeline");
     });
     collective.agree_on_finish(failure);

@@ -10,6 +10,7 @@
 #include "backend.h"
 #include "buffers.h"
 #include "collective.h"
+#include "epilogue.h"
 #include "gpu_call.h"
 #include "halide_call.h"
 #include "kernels.h"
@@ -55,30 +56,39 @@ struct ChannelSums {
     explicit ChannelSums(int64_t channels) : grad_weight(channels), grad_bias(channels) {}
 };
 
-// The backward kernel over one slice: adds the slice's sums to `sums` and
-// writes its grad_input, or none (`dx_wanted` false).
-void run_backward_kernel(const BackwardArguments &args, bool training, const ChannelInputs &inputs, Device device,
-                         const Slice &slice, bool dx_wanted, ChannelSums &sums) {
+// The backward kernel over one slice: adds the slice's sums to `sums`, writes
+// its grad_residual when the options give one, and its grad_input, or none
+// (`dx_wanted` false).
+void run_backward_kernel(const BackwardArguments &args, const BatchNormOptions &options, bool training,
+                         const ChannelInputs &inputs, Device device, const Slice &slice, bool dx_wanted,
+                         ChannelSums &sums) {
     const Tensor &x = args.input_x, &dy = args.grad_output;
     HalideBuffer x_buffer(x, slice), dy_buffer(dy, slice), mean_buffer(inputs.mean.data(), slice),
         inv_std_buffer(inputs.inv_std.data(), slice), weight_buffer(inputs.weight.data(), slice);
-    std::optional<HalideBuffer> dx_buffer;
-    std::optional<UnwantedOutput> no_dx;
+    const BackwardEpilogue epilogue(options, slice, dy_buffer);
+    const Tensor &dr = options.grad_residual;
+    std::optional<HalideBuffer> dx_buffer, dr_buffer;
+    std::optional<UnwantedOutput> no_dx, no_dr;
     halide_buffer_t *dx = dx_wanted ? dx_buffer.emplace(args.grad_input, slice).get()
                                     : no_dx.emplace(device, x.dtype, slice).get();
+    halide_buffer_t *dr_out = given(dr) ? dr_buffer.emplace(dr, slice).get() : no_dr.emplace(device, x.dtype, slice).get();
     std::vector<double> grad_weight(slice.channels), grad_bias(slice.channels);
     HalideBuffer grad_weight_buffer(grad_weight.data(), slice.channels),
         grad_bias_buffer(grad_bias.data(), slice.channels);
     const Kernels kernels = kernels_for(device, x.dtype, slice);
     call_pipeline(
         device,
-        {{x_buffer.get(), &x}, {dy_buffer.get(), &dy}, {mean_buffer.get()}, {inv_std_buffer.get()},
-         {weight_buffer.get()}},
-        {{dx, dx_wanted ? &args.grad_input : nullptr}, {grad_weight_buffer.get()}, {grad_bias_buffer.get()}},
+        {{x_buffer.get(), &x}, {dy_buffer.get(), &dy}, epilogue.forward_output.call_buffer(), {mean_buffer.get()},
+         {inv_std_buffer.get()}, {weight_buffer.get()}},
+        {{dx, dx_wanted ? &args.grad_input : nullptr},
+         {grad_weight_buffer.get()},
+         {grad_bias_buffer.get()},
+         {dr_out, given(dr) ? &dr : nullptr}},
         [&](void *context) {
-            return kernels.backward(context, x_buffer.get(), dy_buffer.get(), mean_buffer.get(), inv_std_buffer.get(),
-                                    weight_buffer.get(), training, inputs.in_double, dx, grad_weight_buffer.get(),
-                                    grad_bias_buffer.get());
+            return kernels.backward(context, x_buffer.get(), dy_buffer.get(), epilogue.forward_output.get(),
+                                    epilogue.relu, mean_buffer.get(), inv_std_buffer.get(), weight_buffer.get(),
+                                    training, inputs.in_double, dx, grad_weight_buffer.get(),
+                                    grad_bias_buffer.get(), dr_out);
         },
         "hbn::batch_norm_backward: pipeline");
     for (int64_t c = 0; c < slice.channels; c++) {
@@ -89,8 +99,9 @@ void run_backward_kernel(const BackwardArguments &args, bool training, const Cha
 
 // The training grad_input of one slice, from sums over the whole batch of M
 // values per channel.
-void run_grad_input_kernel(const BackwardArguments &args, const ChannelInputs &inputs, Device device,
-                           const Slice &slice, const ChannelSums &batch_sums, double count) {
+void run_grad_input_kernel(const BackwardArguments &args, const BatchNormOptions &options,
+                           const ChannelInputs &inputs, Device device, const Slice &slice,
+                           const ChannelSums &batch_sums, double count) {
     const Tensor &x = args.input_x, &dy = args.grad_output;
     const int64_t first = slice.first_channel;
     std::vector<double> scale(slice.channels), mean_dy(slice.channels), slope(slice.channels);
@@ -103,16 +114,17 @@ void run_grad_input_kernel(const BackwardArguments &args, const ChannelInputs &i
         mean_buffer(inputs.mean.data(), slice), inv_std_buffer(inputs.inv_std.data(), slice),
         scale_buffer(scale.data(), slice.channels), mean_dy_buffer(mean_dy.data(), slice.channels),
         slope_buffer(slope.data(), slice.channels);
+    const BackwardEpilogue epilogue(options, slice, dy_buffer);
     const Kernels kernels = kernels_for(device, x.dtype, slice);
     call_pipeline(
         device,
-        {{x_buffer.get(), &x}, {dy_buffer.get(), &dy}, {mean_buffer.get()}, {scale_buffer.get()},
-         {mean_dy_buffer.get()}, {slope_buffer.get()}, {inv_std_buffer.get()}},
+        {{x_buffer.get(), &x}, {dy_buffer.get(), &dy}, epilogue.forward_output.call_buffer(), {mean_buffer.get()},
+         {scale_buffer.get()}, {mean_dy_buffer.get()}, {slope_buffer.get()}, {inv_std_buffer.get()}},
         {{dx_buffer.get(), &args.grad_input}},
         [&](void *context) {
-            return kernels.grad_input(context, x_buffer.get(), dy_buffer.get(), mean_buffer.get(), scale_buffer.get(),
-                                      mean_dy_buffer.get(), slope_buffer.get(), inv_std_buffer.get(),
-                                      inputs.in_double, dx_buffer.get());
+            return kernels.grad_input(context, x_buffer.get(), dy_buffer.get(), epilogue.forward_output.get(),
+                                      epilogue.relu, mean_buffer.get(), scale_buffer.get(), mean_dy_buffer.get(),
+                                      slope_buffer.get(), inv_std_buffer.get(), inputs.in_double, dx_buffer.get());
         },
         "hbn::batch_norm_backward: grad_input pipeline");
 }
@@ -124,7 +136,7 @@ ChannelSums backward_slice_by_slice(const BackwardArguments &args, const BatchNo
     install_error_handler();
     const ChannelInputs inputs(args, options, view.channels);
     for (const Slice &slice : slices_of(view)) {
-        run_backward_kernel(args, options.training, inputs, device, slice, given(args.grad_input), sums);
+        run_backward_kernel(args, options, options.training, inputs, device, slice, given(args.grad_input), sums);
     }
     return sums;
 }
@@ -148,7 +160,7 @@ ChannelSums backward_in_parts(const BackwardArguments &args, const BatchNormOpti
         slices = slices_of(view);
         inputs.emplace(args, options, view.channels);
         for (const Slice &slice : slices) {
-            run_backward_kernel(args, true, *inputs, device, slice, false, *sums);
+            run_backward_kernel(args, options, true, *inputs, device, slice, false, *sums);
         }
     });
     collective.agree_on_start(failure, view.channels);
@@ -171,7 +183,7 @@ ChannelSums backward_in_parts(const BackwardArguments &args, const BatchNormOpti
             return;
         }
         for (const Slice &slice : slices) {
-            run_grad_input_kernel(args, *inputs, device, slice, batch_sums, count);
+            run_grad_input_kernel(args, options, *inputs, device, slice, batch_sums, count);
         }
     });
     collective.agree_on_finish(failure);

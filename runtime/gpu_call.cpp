@@ -41,6 +41,12 @@ GpuCall::~GpuCall() {
 }
 
 void GpuCall::add(const CallBuffer &b, bool output) {
+    // A buffer that stands for two inputs (see DataInput) is attached once.
+    for (const Entry &e : entries_) {
+        if (e.buffer == b.buffer) {
+            return;
+        }
+    }
     const bool device_memory = b.tensor != nullptr && b.tensor->memory != Memory::Host;
     if (device_memory) {
         check_status(wrap(b.buffer, b.tensor->data), context_, "hbn::batch_norm: attaching device memory");

@@ -7,22 +7,28 @@
 
 namespace hbn::internal {
 
-using InferenceFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
-                            halide_buffer_t *, halide_buffer_t *, double, bool, halide_buffer_t *);
-using TrainingFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
-                           double, bool, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
-                           halide_buffer_t *);
-
-// (x, grad_output, mean, inv_std, weight, training, in_double, grad_input,
-// grad_weight, grad_bias)
-using BackwardFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
-                           halide_buffer_t *, halide_buffer_t *, bool, bool, halide_buffer_t *,
+// (x, residual, add_residual, relu, running_mean, running_var, weight, bias,
+// eps, scale_in_double, output)
+using InferenceFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, bool, bool, halide_buffer_t *,
+                            halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, double, bool,
+                            halide_buffer_t *);
+// (x, residual, add_residual, relu, weight, bias, eps, scale_in_double,
+// output, batch_mean, batch_var, batch_inv_std)
+using TrainingFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, bool, bool, halide_buffer_t *,
+                           halide_buffer_t *, double, bool, halide_buffer_t *, halide_buffer_t *,
                            halide_buffer_t *, halide_buffer_t *);
 
-// (x, grad_output, mean, scale, mean_dy, slope, inv_std, in_double, grad_input)
-using GradInputFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
-                            halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, bool,
-                            halide_buffer_t *);
+// (x, grad_output, forward_output, relu, mean, inv_std, weight, training,
+// in_double, grad_input, grad_weight, grad_bias, grad_residual)
+using BackwardFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, bool,
+                           halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, bool, bool,
+                           halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *);
+
+// (x, grad_output, forward_output, relu, mean, scale, mean_dy, slope, inv_std,
+// in_double, grad_input)
+using GradInputFn = int (*)(const void *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, bool,
+                            halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *,
+                            halide_buffer_t *, bool, halide_buffer_t *);
 
 struct Kernels {
     InferenceFn inference = nullptr;

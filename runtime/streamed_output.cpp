@@ -53,7 +53,8 @@ void stream_copy(uint8_t *dst, const uint8_t *src, size_t bytes, const uint8_t *
 struct StreamedInference {
     InferenceFn chunk_kernel;
     halide_buffer_t input;  // whole-tensor views, as the kernel would get them
-    uint8_t *output;
+    uint8_t *residual, *output;
+    bool add_residual, relu;
     halide_buffer_t *mean, *var, *weight, *bias;
     double eps;
     bool scale_in_double;
@@ -102,12 +103,14 @@ struct StreamedInference {
         for (int32_t c = first; c < last; c++) {
             Chunk chunk = chunk_at(c);
             scratch.resize(std::max(scratch.size(), chunk.bytes));
-            halide_buffer_t chunk_input = input, staged = input;
-            chunk_input.dim = staged.dim = chunk.dims.data();
+            // The residual has input's shape and layout, so its chunk too.
+            halide_buffer_t chunk_input = input, chunk_residual = input, staged = input;
+            chunk_input.dim = chunk_residual.dim = staged.dim = chunk.dims.data();
             chunk_input.host = input.host + chunk.offset * element_bytes;
+            chunk_residual.host = residual + chunk.offset * element_bytes;
             staged.host = scratch.data();
-            const int status =
-                chunk_kernel(user_context, &chunk_input, mean, var, weight, bias, eps, scale_in_double, &staged);
+            const int status = chunk_kernel(user_context, &chunk_input, &chunk_residual, add_residual, relu, mean,
+                                            var, weight, bias, eps, scale_in_double, &staged);
             if (status != 0) {
                 return status;
             }
@@ -126,9 +129,9 @@ bool streams_output(DType dtype, const Slice &slice) {
 }
 
 int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_buffer_t *input,
-                           halide_buffer_t *mean, halide_buffer_t *var, halide_buffer_t *weight,
-                           halide_buffer_t *bias, double eps, bool scale_in_double,
-                           halide_buffer_t *output) {
+                           halide_buffer_t *residual, bool add_residual, bool relu, halide_buffer_t *mean,
+                           halide_buffer_t *var, halide_buffer_t *weight, halide_buffer_t *bias, double eps,
+                           bool scale_in_double, halide_buffer_t *output) {
     const halide_dimension_t &row = input->dim[0], &rows = input->dim[1];
     const int64_t row_bytes = int64_t(row.extent) * input->type.bytes();
     const auto rows_per_chunk = static_cast<int32_t>(
@@ -136,8 +139,8 @@ int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_
     const int32_t chunks_per_item = (rows.extent + rows_per_chunk - 1) / rows_per_chunk;
     const int32_t items = input->dimensions == 3 ? input->dim[2].extent : 1;  // NCHW's N
     const int32_t chunks = chunks_per_item * items;
-    StreamedInference job{chunk_kernel, *input, output->host, mean, var, weight, bias, eps, scale_in_double,
-                          rows_per_chunk, chunks_per_item, chunks};
+    StreamedInference job{chunk_kernel, *input, residual->host, output->host, add_residual, relu, mean, var,
+                          weight, bias, eps, scale_in_double, rows_per_chunk, chunks_per_item, chunks};
     job.published.store(true, std::memory_order_release);
     const int status = halide_do_par_for(user_context, StreamedInference::run_task, 0,
                                          (chunks + chunks_per_task - 1) / chunks_per_task,
@@ -149,9 +152,9 @@ int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_
 bool streams_output(DType, const Slice &) {
     return false;
 }
-int run_streamed_inference(void *, InferenceFn, halide_buffer_t *, halide_buffer_t *,
-                           halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, double, bool,
-                           halide_buffer_t *) {
+int run_streamed_inference(void *, InferenceFn, halide_buffer_t *, halide_buffer_t *, bool, bool,
+                           halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, halide_buffer_t *, double,
+                           bool, halide_buffer_t *) {
     return -1;  // unreachable: streams_output() is false
 }
 #endif

@@ -19,11 +19,12 @@ namespace hbn::internal {
 // Whether a call's output takes this path (64 MiB and more, on x86).
 bool streams_output(DType dtype, const Slice &slice);
 
-// Writes `output` = the inference pipeline of `input`, through `chunk_kernel`
-// (a serial inference kernel) and streaming stores.
+// Writes `output` = the inference pipeline of `input` (and `residual`, of
+// input's shape and layout), through `chunk_kernel` (a serial inference
+// kernel, which takes the same arguments) and streaming stores.
 int run_streamed_inference(void *user_context, InferenceFn chunk_kernel, halide_buffer_t *input,
-                           halide_buffer_t *mean, halide_buffer_t *var, halide_buffer_t *weight,
-                           halide_buffer_t *bias, double eps, bool scale_in_double,
-                           halide_buffer_t *output);
+                           halide_buffer_t *residual, bool add_residual, bool relu, halide_buffer_t *mean,
+                           halide_buffer_t *var, halide_buffer_t *weight, halide_buffer_t *bias, double eps,
+                           bool scale_in_double, halide_buffer_t *output);
 
 }  // namespace hbn::internal

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <initializer_list>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -181,24 +182,31 @@ struct Role {
     }
 };
 
-// A call's tensors (at most 8), without a heap allocation per call.
+// A call's tensors (at most 12), without a heap allocation per call.
 struct Roles {
-    std::array<Role, 8> items;
+    std::array<Role, 12> items;
     size_t count = 0;
     void add(const Role &role) { items[count++] = role; }
 };
 
+// A pair of tensors that may be the same memory: the call works in place,
+// `target` (written) over `source` (read).
+struct InPlace {
+    const Tensor *source, *target;
+};
+
 // Fails if a tensor hbn writes overlaps another argument among `roles`,
-// unless the two are the call's in-place pair, `source` (read) and `target`
-// (written), with the same data.
-void check_aliasing(const Roles &roles, const Tensor &source, const Tensor &target,
-                    const char *in_place_rule) {
+// unless the two are one of the call's in-place pairs with the same data.
+void check_aliasing(const Roles &roles, std::initializer_list<InPlace> in_place_pairs, const char *in_place_rule) {
     for (size_t i = 0; i < roles.count; i++) {
         for (size_t j = i + 1; j < roles.count; j++) {
             const Role &a = roles.items[i], &b = roles.items[j];
-            const bool in_place = ((a.tensor == &source && b.tensor == &target) ||
-                                   (a.tensor == &target && b.tensor == &source)) &&
-                                  a.begin == b.begin;
+            bool in_place = false;
+            for (const InPlace &pair : in_place_pairs) {
+                in_place = in_place || (((a.tensor == pair.source && b.tensor == pair.target) ||
+                                         (a.tensor == pair.target && b.tensor == pair.source)) &&
+                                        a.begin == b.begin);
+            }
             if ((a.written || b.written) && !in_place && a.overlaps(b)) {
                 const Role &written = a.written ? a : b;
                 fail(ErrorKind::ValueError, std::string(a.name) + " and " + b.name +
@@ -224,6 +232,9 @@ void check_options(const BatchNormOptions &options) {
     if (options.device != Device::Auto && options.device != Device::CPU &&
         options.device != Device::OpenCL && options.device != Device::CUDA) {
         fail(ErrorKind::ValueError, "options.device is not a known Device");
+    }
+    if (options.activation != Activation::None && options.activation != Activation::ReLU) {
+        fail(ErrorKind::ValueError, "options.activation is not None or ReLU");
     }
 }
 
@@ -327,6 +338,10 @@ DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &
         check_saved_statistic(*args.saved_mean, "saved_mean", view.channels);
         check_saved_statistic(*args.saved_inv_std, "saved_inv_std", view.channels);
     }
+    const Tensor &residual = options.residual;
+    if (given(residual)) {
+        check_data_like(residual, "options.residual", x, "input_x");
+    }
     if (training && !options.all_reduce) {
         check_values_per_channel(x, view);
     }
@@ -335,6 +350,9 @@ DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &
     Roles roles;
     roles.add(Role(x, data_count, "input_x", false));
     roles.add(Role(args.output, data_count, "output", true));
+    if (given(residual)) {
+        roles.add(Role(residual, data_count, "options.residual", false));
+    }
     roles.add(Role(args.running_mean, channels, "running_mean", training));
     roles.add(Role(args.running_var, channels, "running_var", training));
     roles.add(Role(args.weight, channels, "weight", false));
@@ -343,7 +361,8 @@ DataView validate_forward(const ForwardArguments &args, const BatchNormOptions &
         roles.add(Role(*args.saved_mean, channels, "saved_mean", true));
         roles.add(Role(*args.saved_inv_std, channels, "saved_inv_std", true));
     }
-    check_aliasing(roles, x, args.output, "only output may be input_x itself, for in place");
+    check_aliasing(roles, {{&x, &args.output}, {&residual, &args.output}},
+                   "only output may be input_x or options.residual itself, for in place");
     return view;
 }
 
@@ -355,6 +374,19 @@ DataView validate_backward(const BackwardArguments &args, const BatchNormOptions
     check_data_like(x, "input_x", dy, "grad_output");
     if (given(args.grad_input)) {
         check_data_like(args.grad_input, "grad_input", x, "input_x");
+    }
+    const bool relu = options.activation == Activation::ReLU;
+    const Tensor &forward_output = options.forward_output, &grad_residual = options.grad_residual;
+    if (relu && !given(forward_output)) {
+        fail(ErrorKind::ValueError, "options.activation is ReLU, so the backward needs options.forward_output (the "
+                                    "forward's output, whose sign masks grad_output), but it is a default Tensor{} "
+                                    "(rank 0)");
+    }
+    if (relu) {
+        check_data_like(forward_output, "options.forward_output", x, "input_x");
+    }
+    if (given(grad_residual)) {
+        check_data_like(grad_residual, "options.grad_residual", x, "input_x");
     }
     check_dtype(args.weight, "weight");
     const Tensor &mean = training ? args.saved_mean : args.running_mean;
@@ -399,13 +431,26 @@ DataView validate_backward(const BackwardArguments &args, const BatchNormOptions
     if (given(args.grad_input)) {
         roles.add(Role(args.grad_input, data_count, "grad_input", true));
     }
+    if (relu) {
+        roles.add(Role(forward_output, data_count, "options.forward_output", false));
+    }
+    if (given(grad_residual)) {
+        roles.add(Role(grad_residual, data_count, "options.grad_residual", true));
+    }
     for (const auto &[gradient, name] : channel_gradients) {
         if (given(*gradient)) {
             check_channel_vector(*gradient, name, channels);
             roles.add(Role(*gradient, channels, name, true));
         }
     }
-    check_aliasing(roles, dy, args.grad_input, "only grad_input may be grad_output itself, for in place");
+    // grad_residual's pass reads grad_output, so grad_input may not be
+    // written over it then; grad_residual itself may (the mask is idempotent).
+    if (given(grad_residual)) {
+        check_aliasing(roles, {{&dy, &grad_residual}},
+                       "with options.grad_residual, only options.grad_residual may be grad_output itself, for in place");
+    } else {
+        check_aliasing(roles, {{&dy, &args.grad_input}}, "only grad_input may be grad_output itself, for in place");
+    }
     return view;
 }
 

@@ -19,18 +19,24 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_bfloat16_nch
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
-    Var c(grad_bias.get_schedule().dims()[0].var);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
+    Var c(grad_residual.get_schedule().dims()[1].var);
     Var ci("ci");
-    Var inner(output.get_schedule().dims()[0].var);
+    Var inner(grad_residual.get_schedule().dims()[0].var);
     Var inneri("inneri");
-    Var n(output.get_schedule().dims()[2].var);
-    RVar r13_x(sums.update(0).get_schedule().dims()[0].var);
-    RVar r13_y(sums.update(0).get_schedule().dims()[1].var);
+    Var n(grad_residual.get_schedule().dims()[2].var);
+    RVar r16_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r16_y(sums.update(0).get_schedule().dims()[1].var);
+    grad_residual
+        .split(inner, inner, inneri, 32, TailStrategy::GuardWithIf)
+        .vectorize(inneri)
+        .compute_root()
+        .reorder({inneri, inner, c, n});
     grad_bias
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
@@ -63,7 +69,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_bfloat16_nch
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, r13_x, r13_y, c});
+        .reorder({ci, r16_x, r16_y, c});
 
 }
 

@@ -19,23 +19,33 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
-    Var c(grad_bias.get_schedule().dims()[0].var);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
+    Var c(grad_residual.get_schedule().dims()[0].var);
     Var ci("ci");
     Var cii("cii");
-    Var m(output.get_schedule().dims()[1].var);
+    Var m(grad_residual.get_schedule().dims()[1].var);
     Var mi("mi");
     Var mii("mii");
-    RVar r11_x(sums.update(0).get_schedule().dims()[0].var);
-    grad_bias
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+    RVar r13_x(sums.update(0).get_schedule().dims()[0].var);
+    grad_residual
+        .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .compute_root()
-        .reorder({ci, c})
+        .reorder({ci, c, mi, m})
+        .parallel(m);
+    grad_bias
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
+        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
+        .unroll(ci)
+        .vectorize(cii)
+        .compute_root()
+        .reorder({cii, ci, c})
         .parallel(c);
     grad_weight
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -47,7 +57,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
         .parallel(c);
     output
         .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
-        .split(mi, mi, mii, 6272, TailStrategy::GuardWithIf)
+        .split(mi, mi, mii, 12544, TailStrategy::GuardWithIf)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .compute_root()
@@ -71,7 +81,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, r11_x, c})
+        .reorder({ci, r13_x, c})
         .parallel(c);
 
 }

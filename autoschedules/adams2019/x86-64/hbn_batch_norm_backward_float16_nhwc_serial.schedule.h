@@ -19,16 +19,22 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
-    Var c(grad_bias.get_schedule().dims()[0].var);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
+    Var c(grad_residual.get_schedule().dims()[0].var);
     Var ci("ci");
-    Var m(output.get_schedule().dims()[1].var);
+    Var m(grad_residual.get_schedule().dims()[1].var);
     Var mi("mi");
-    RVar r11_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r13_x(sums.update(0).get_schedule().dims()[0].var);
+    grad_residual
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
+        .vectorize(ci)
+        .compute_root()
+        .reorder({ci, c, m});
     grad_bias
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
@@ -60,7 +66,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, r11_x, c});
+        .reorder({ci, r13_x, c});
 
 }
 

@@ -19,24 +19,35 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float32_nchw
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
-    Var c(grad_bias.get_schedule().dims()[0].var);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
+    Var c(grad_residual.get_schedule().dims()[1].var);
     Var ci("ci");
     Var cii("cii");
-    Var inner(output.get_schedule().dims()[0].var);
+    Var inner(grad_residual.get_schedule().dims()[0].var);
     Var inneri("inneri");
-    Var n(output.get_schedule().dims()[2].var);
-    RVar r13_x(sums.update(0).get_schedule().dims()[0].var);
-    RVar r13_y(sums.update(0).get_schedule().dims()[1].var);
-    grad_bias
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
+    Var n(grad_residual.get_schedule().dims()[2].var);
+    Var ni("ni");
+    RVar r16_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r16_y(sums.update(0).get_schedule().dims()[1].var);
+    grad_residual
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
+        .split(inner, inner, inneri, 16, TailStrategy::GuardWithIf)
+        .vectorize(inneri)
         .compute_root()
-        .reorder({ci, c})
+        .reorder({inneri, inner, ci, n, c})
+        .parallel(c);
+    grad_bias
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
+        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
+        .unroll(ci)
+        .vectorize(cii)
+        .compute_root()
+        .reorder({cii, ci, c})
         .parallel(c);
     grad_weight
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -47,20 +58,20 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float32_nchw
         .reorder({cii, ci, c})
         .parallel(c);
     output
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .split(ci, ci, cii, 2, TailStrategy::GuardWithIf)
+        .split(c, c, ci, 2, TailStrategy::GuardWithIf)
+        .split(n, n, ni, 16, TailStrategy::GuardWithIf)
         .split(inner, inner, inneri, 16, TailStrategy::GuardWithIf)
-        .unroll(cii)
+        .unroll(ci)
         .vectorize(inneri)
         .compute_root()
-        .reorder({inneri, cii, inner, n, ci, c})
+        .reorder({inneri, ci, inner, ni, n, c})
         .parallel(c);
     terms
         .store_in(MemoryType::Stack)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .compute_at(output, inner)
-        .store_at(output, ci)
+        .store_at(output, n)
         .reorder({ci, c});
     sums
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -74,7 +85,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float32_nchw
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
         .vectorize(cii)
-        .reorder({cii, r13_x, r13_y, ci, c})
+        .reorder({cii, r16_x, r16_y, ci, c})
         .parallel(c);
 
 }

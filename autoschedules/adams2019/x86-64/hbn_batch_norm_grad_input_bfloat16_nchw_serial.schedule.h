@@ -19,8 +19,8 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_grad_input_bfloat16_n
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 8, "terms", __FILE__);
     Var c(output.get_schedule().dims()[1].var);
     Var ci("ci");
     Var inner(output.get_schedule().dims()[0].var);

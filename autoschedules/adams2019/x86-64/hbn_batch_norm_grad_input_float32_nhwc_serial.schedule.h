@@ -19,24 +19,28 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_grad_input_float32_nh
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 8, "terms", __FILE__);
     Var c(output.get_schedule().dims()[0].var);
     Var ci("ci");
+    Var cii("cii");
     Var m(output.get_schedule().dims()[1].var);
     Var mi("mi");
     output
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(m, m, mi, 14336, TailStrategy::GuardWithIf)
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
+        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
+        .unroll(ci)
+        .vectorize(cii)
         .compute_root()
-        .reorder({ci, c, mi, m});
+        .reorder({cii, ci, mi, c, m});
     terms
         .store_in(MemoryType::Stack)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+        .unroll(c)
         .vectorize(ci)
         .compute_at(output, mi)
-        .store_at(output, m)
+        .store_at(output, c)
         .reorder({ci, c});
 
 }

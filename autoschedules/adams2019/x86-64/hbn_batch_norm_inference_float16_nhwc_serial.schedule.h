@@ -19,20 +19,24 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_inference_float16_nhw
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func output = hbn_schedules::stage(pipeline, 6, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 5, "scale", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
     Var c(output.get_schedule().dims()[0].var);
     Var ci("ci");
     Var m(output.get_schedule().dims()[1].var);
+    Var mi("mi");
     output
+        .split(m, m, mi, 14336, TailStrategy::GuardWithIf)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .compute_root()
-        .reorder({ci, c, m});
+        .reorder({ci, c, mi, m});
     scale
+        .store_in(MemoryType::Stack)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .compute_root()
+        .compute_at(output, mi)
+        .store_at(output, m)
         .reorder({ci, c});
 
 }

@@ -19,22 +19,23 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_bfloat16_nch
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 2, "shift", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c(batch_inv_std.get_schedule().dims()[0].var);
     Var ci("ci");
     Var cii("cii");
     Var inner(output.get_schedule().dims()[0].var);
     Var inneri("inneri");
     Var n(output.get_schedule().dims()[2].var);
-    RVar r9_x(sums.update(0).get_schedule().dims()[0].var);
-    RVar r9_y(sums.update(0).get_schedule().dims()[1].var);
+    Var ni("ni");
+    RVar r12_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r12_y(sums.update(0).get_schedule().dims()[1].var);
     batch_inv_std
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
@@ -60,18 +61,19 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_bfloat16_nch
         .reorder({cii, ci, c})
         .parallel(c);
     output
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
+        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+        .split(n, n, ni, 16, TailStrategy::GuardWithIf)
         .split(inner, inner, inneri, 32, TailStrategy::GuardWithIf)
         .vectorize(inneri)
         .compute_root()
-        .reorder({inneri, inner, cii, n, ci, c})
+        .reorder({inneri, ci, inner, ni, n, c})
         .parallel(c);
     scale
+        .store_in(MemoryType::Stack)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .unroll(c)
         .vectorize(ci)
-        .compute_at(output, c)
+        .compute_at(output, inner)
+        .store_at(output, n)
         .reorder({ci, c});
     statistics
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -92,7 +94,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_bfloat16_nch
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, r9_x, r9_y, c})
+        .reorder({ci, r12_x, r12_y, c})
         .parallel(c);
     shift
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)

@@ -19,35 +19,31 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float32_nhwc
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 2, "shift", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c(batch_inv_std.get_schedule().dims()[0].var);
     Var ci("ci");
     Var cii("cii");
     Var m(output.get_schedule().dims()[1].var);
     Var mi("mi");
-    RVar r8_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r10_x(sums.update(0).get_schedule().dims()[0].var);
     batch_inv_std
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
-        .unroll(ci)
-        .vectorize(cii)
+        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+        .vectorize(ci)
         .compute_root()
-        .reorder({cii, ci, c})
+        .reorder({ci, c})
         .parallel(c);
     batch_var
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
-        .unroll(ci)
-        .vectorize(cii)
+        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+        .vectorize(ci)
         .compute_root()
-        .reorder({cii, ci, c})
+        .reorder({ci, c})
         .parallel(c);
     batch_mean
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -58,17 +54,21 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float32_nhwc
         .reorder({cii, ci, c})
         .parallel(c);
     output
-        .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
+        .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
         .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
+        .unroll(ci)
         .vectorize(cii)
         .compute_root()
-        .reorder({cii, ci, mi, c, m})
-        .parallel(m);
+        .reorder({cii, ci, mi, m, c})
+        .parallel(c);
     scale
+        .store_in(MemoryType::Stack)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
+        .unroll(c)
         .vectorize(ci)
-        .compute_at(output, m)
+        .compute_at(output, mi)
+        .store_at(output, m)
         .reorder({ci, c});
     statistics
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -87,7 +87,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float32_nhwc
     sums.update(0)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, r8_x, c})
+        .reorder({ci, r10_x, c})
         .parallel(c);
     shift
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)

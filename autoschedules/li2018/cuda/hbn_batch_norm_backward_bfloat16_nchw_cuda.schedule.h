@@ -19,99 +19,112 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_backward_bfloat16_nchw_cud
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c("c");
     Var inner("inner");
     Var li_v10("li_v10");
     Var li_v11("li_v11");
     Var li_v12("li_v12");
     Var li_v13("li_v13");
+    Var li_v14("li_v14");
+    Var li_v15("li_v15");
     Var li_v2("li_v2");
-    Var li_v20("li_v20");
-    Var li_v21("li_v21");
-    Var li_v29("li_v29");
+    Var li_v22("li_v22");
+    Var li_v23("li_v23");
     Var li_v3("li_v3");
-    Var li_v30("li_v30");
-    Var li_v36("li_v36");
-    Var li_v37("li_v37");
+    Var li_v31("li_v31");
+    Var li_v32("li_v32");
+    Var li_v38("li_v38");
+    Var li_v39("li_v39");
     Var li_v4("li_v4");
     Var li_v5("li_v5");
-    Var li_v8("li_v8");
-    Var li_v9("li_v9");
+    Var li_v6("li_v6");
+    Var li_v7("li_v7");
     Var n("n");
-    RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r13$y(sums.update(0).get_schedule().rvars()[1].var);
-    RVar r70("r70");
-    RVar r71("r71");
-    RVar r72("r72");
-    RVar r73("r73");
-    grad_bias.compute_root()
-        .split(c,li_v2,li_v3,64,TailStrategy::GuardWithIf)
+    RVar r16$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r16$y(sums.update(0).get_schedule().rvars()[1].var);
+    RVar r89("r89");
+    RVar r90("r90");
+    RVar r91("r91");
+    RVar r92("r92");
+    grad_residual.compute_root()
+        .split(inner,li_v2,li_v3,64,TailStrategy::GuardWithIf)
+        .fuse(li_v2,c,li_v2)
+        .fuse(li_v2,n,li_v2)
         .reorder(li_v3,li_v2)
         .gpu_blocks(li_v2)
         .gpu_threads(li_v3)
     ;
-    grad_weight.compute_root()
+    grad_bias.compute_root()
         .split(c,li_v4,li_v5,64,TailStrategy::GuardWithIf)
         .reorder(li_v5,li_v4)
         .gpu_blocks(li_v4)
         .gpu_threads(li_v5)
     ;
+    grad_weight.compute_root()
+        .split(c,li_v6,li_v7,64,TailStrategy::GuardWithIf)
+        .reorder(li_v7,li_v6)
+        .gpu_blocks(li_v6)
+        .gpu_threads(li_v7)
+    ;
     // inv_std_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     output.compute_root()
-        .split(inner,li_v8,li_v9,64,TailStrategy::GuardWithIf)
-        .fuse(li_v8,c,li_v8)
-        .fuse(li_v8,n,li_v8)
-        .reorder(li_v9,li_v8)
-        .gpu_blocks(li_v8)
-        .gpu_threads(li_v9)
-    ;
-    terms.compute_root()
-        .split(c,li_v10,li_v11,64,TailStrategy::GuardWithIf)
+        .split(inner,li_v10,li_v11,64,TailStrategy::GuardWithIf)
+        .fuse(li_v10,c,li_v10)
+        .fuse(li_v10,n,li_v10)
         .reorder(li_v11,li_v10)
         .gpu_blocks(li_v10)
         .gpu_threads(li_v11)
     ;
-    sums.compute_root()
+    terms.compute_root()
         .split(c,li_v12,li_v13,64,TailStrategy::GuardWithIf)
         .reorder(li_v13,li_v12)
         .gpu_blocks(li_v12)
         .gpu_threads(li_v13)
     ;
+    sums.compute_root()
+        .split(c,li_v14,li_v15,64,TailStrategy::GuardWithIf)
+        .reorder(li_v15,li_v14)
+        .gpu_blocks(li_v14)
+        .gpu_threads(li_v15)
+    ;
     sums.update(0)
-        .split(r13$x,r70,r71,56,TailStrategy::GuardWithIf)
-        .split(r13$y,r72,r73,8,TailStrategy::GuardWithIf)
+        .split(r16$x,r89,r90,56,TailStrategy::GuardWithIf)
+        .split(r16$y,r91,r92,8,TailStrategy::GuardWithIf)
     ;
     Func sums_intm = sums.update(0)
-        .rfactor({{r70,li_v20},{r72,li_v21}})
+        .rfactor({{r89,li_v22},{r91,li_v23}})
         .compute_root()
-        .split(li_v20,li_v20,li_v29,32,TailStrategy::GuardWithIf)
-        .fuse(li_v20,li_v21,li_v20)
-        .reorder(li_v29,li_v20)
-        .gpu_blocks(li_v20)
-        .gpu_threads(li_v29)
+        .split(li_v22,li_v22,li_v31,32,TailStrategy::GuardWithIf)
+        .fuse(li_v22,li_v23,li_v22)
+        .reorder(li_v31,li_v22)
+        .gpu_blocks(li_v22)
+        .gpu_threads(li_v31)
     ;
     sums_intm.update()
-        .split(li_v20,li_v20,li_v30,32,TailStrategy::GuardWithIf)
-        .fuse(li_v20,li_v21,li_v20)
-        .fuse(r71,r73,r71)
-        .reorder(li_v30,li_v20,r71)
-        .gpu_blocks(li_v20)
+        .split(li_v22,li_v22,li_v32,32,TailStrategy::GuardWithIf)
+        .fuse(li_v22,li_v23,li_v22)
+        .fuse(r90,r92,r90)
+        .reorder(li_v32,li_v22,r90)
+        .gpu_blocks(li_v22)
         .atomic()
-        .gpu_blocks(r71)
-        .gpu_threads(li_v30)
+        .gpu_blocks(r90)
+        .gpu_threads(li_v32)
     ;
     sums.update(0)
-        .split(c,li_v36,li_v37,64,TailStrategy::GuardWithIf)
-        .reorder(r70,r72,li_v37,li_v36)
-        .gpu_blocks(li_v36)
-        .gpu_threads(li_v37)
+        .split(c,li_v38,li_v39,64,TailStrategy::GuardWithIf)
+        .reorder(r89,r91,li_v39,li_v38)
+        .gpu_blocks(li_v38)
+        .gpu_threads(li_v39)
     ;
     // mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // grad_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // forward_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 
 }
 

@@ -19,89 +19,101 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_backward_float32_nhwc_cuda
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c("c");
     Var li_v1("li_v1");
     Var li_v10("li_v10");
     Var li_v11("li_v11");
     Var li_v12("li_v12");
-    Var li_v16("li_v16");
+    Var li_v13("li_v13");
+    Var li_v14("li_v14");
+    Var li_v18("li_v18");
     Var li_v2("li_v2");
-    Var li_v21("li_v21");
-    Var li_v22("li_v22");
     Var li_v23("li_v23");
     Var li_v24("li_v24");
+    Var li_v25("li_v25");
     Var li_v26("li_v26");
-    Var li_v27("li_v27");
+    Var li_v28("li_v28");
+    Var li_v29("li_v29");
     Var li_v3("li_v3");
     Var li_v4("li_v4");
-    Var li_v7("li_v7");
-    Var li_v8("li_v8");
+    Var li_v5("li_v5");
+    Var li_v6("li_v6");
     Var li_v9("li_v9");
     Var m("m");
-    RVar r11$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r64("r64");
-    RVar r65("r65");
-    grad_bias.compute_root()
+    RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r78("r78");
+    RVar r79("r79");
+    grad_residual.compute_root()
         .split(c,li_v1,li_v2,64,TailStrategy::GuardWithIf)
+        .fuse(li_v1,m,li_v1)
         .reorder(li_v2,li_v1)
         .gpu_blocks(li_v1)
         .gpu_threads(li_v2)
     ;
-    grad_weight.compute_root()
+    grad_bias.compute_root()
         .split(c,li_v3,li_v4,64,TailStrategy::GuardWithIf)
         .reorder(li_v4,li_v3)
         .gpu_blocks(li_v3)
         .gpu_threads(li_v4)
     ;
+    grad_weight.compute_root()
+        .split(c,li_v5,li_v6,64,TailStrategy::GuardWithIf)
+        .reorder(li_v6,li_v5)
+        .gpu_blocks(li_v5)
+        .gpu_threads(li_v6)
+    ;
     // inv_std_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     output.compute_root()
-        .split(c,li_v7,li_v8,64,TailStrategy::GuardWithIf)
-        .fuse(li_v7,m,li_v7)
-        .reorder(li_v8,li_v7)
-        .gpu_blocks(li_v7)
-        .gpu_threads(li_v8)
-    ;
-    terms.compute_root()
         .split(c,li_v9,li_v10,64,TailStrategy::GuardWithIf)
+        .fuse(li_v9,m,li_v9)
         .reorder(li_v10,li_v9)
         .gpu_blocks(li_v9)
         .gpu_threads(li_v10)
     ;
-    sums.compute_root()
+    terms.compute_root()
         .split(c,li_v11,li_v12,64,TailStrategy::GuardWithIf)
         .reorder(li_v12,li_v11)
         .gpu_blocks(li_v11)
         .gpu_threads(li_v12)
     ;
+    sums.compute_root()
+        .split(c,li_v13,li_v14,64,TailStrategy::GuardWithIf)
+        .reorder(li_v14,li_v13)
+        .gpu_blocks(li_v13)
+        .gpu_threads(li_v14)
+    ;
     sums.update(0)
-        .split(r11$x,r64,r65,320,TailStrategy::GuardWithIf)
+        .split(r13$x,r78,r79,320,TailStrategy::GuardWithIf)
     ;
     Func sums_intm = sums.update(0)
-        .rfactor({{r64,li_v16}})
+        .rfactor({{r78,li_v18}})
         .compute_root()
-        .split(li_v16,li_v21,li_v22,64,TailStrategy::GuardWithIf)
-        .reorder(li_v22,li_v21)
-        .gpu_blocks(li_v21)
-        .gpu_threads(li_v22)
-    ;
-    sums_intm.update()
-        .split(li_v16,li_v23,li_v24,64,TailStrategy::GuardWithIf)
-        .reorder(r65,li_v24,li_v23)
+        .split(li_v18,li_v23,li_v24,64,TailStrategy::GuardWithIf)
+        .reorder(li_v24,li_v23)
         .gpu_blocks(li_v23)
         .gpu_threads(li_v24)
     ;
+    sums_intm.update()
+        .split(li_v18,li_v25,li_v26,64,TailStrategy::GuardWithIf)
+        .reorder(r79,li_v26,li_v25)
+        .gpu_blocks(li_v25)
+        .gpu_threads(li_v26)
+    ;
     sums.update(0)
-        .split(c,li_v26,li_v27,64,TailStrategy::GuardWithIf)
-        .reorder(r64,li_v27,li_v26)
-        .gpu_blocks(li_v26)
-        .gpu_threads(li_v27)
+        .split(c,li_v28,li_v29,64,TailStrategy::GuardWithIf)
+        .reorder(r78,li_v29,li_v28)
+        .gpu_blocks(li_v28)
+        .gpu_threads(li_v29)
     ;
     // mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // grad_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // forward_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 
 }
 

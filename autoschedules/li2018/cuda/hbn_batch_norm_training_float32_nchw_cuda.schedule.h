@@ -19,13 +19,14 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float32_nchw_cuda
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c("c");
     Var inner("inner");
     Var li_v10("li_v10");
@@ -43,18 +44,20 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float32_nchw_cuda
     Var li_v38("li_v38");
     Var li_v39("li_v39");
     Var li_v4("li_v4");
+    Var li_v42("li_v42");
+    Var li_v43("li_v43");
     Var li_v5("li_v5");
     Var li_v6("li_v6");
     Var li_v7("li_v7");
     Var li_v8("li_v8");
     Var li_v9("li_v9");
     Var n("n");
-    RVar r9$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r9$y(sums.update(0).get_schedule().rvars()[1].var);
-    RVar r76("r76");
-    RVar r77("r77");
-    RVar r78("r78");
+    RVar r12$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r12$y(sums.update(0).get_schedule().rvars()[1].var);
     RVar r79("r79");
+    RVar r80("r80");
+    RVar r81("r81");
+    RVar r82("r82");
     batch_inv_std.compute_root()
         .split(c,li_v2,li_v3,64,TailStrategy::GuardWithIf)
         .reorder(li_v3,li_v2)
@@ -100,11 +103,11 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float32_nchw_cuda
         .gpu_threads(li_v15)
     ;
     sums.update(0)
-        .split(r9$x,r76,r77,56,TailStrategy::GuardWithIf)
-        .split(r9$y,r78,r79,8,TailStrategy::GuardWithIf)
+        .split(r12$x,r79,r80,56,TailStrategy::GuardWithIf)
+        .split(r12$y,r81,r82,8,TailStrategy::GuardWithIf)
     ;
     Func sums_intm = sums.update(0)
-        .rfactor({{r76,li_v22},{r78,li_v23}})
+        .rfactor({{r79,li_v22},{r81,li_v23}})
         .compute_root()
         .split(li_v22,li_v22,li_v31,32,TailStrategy::GuardWithIf)
         .fuse(li_v22,li_v23,li_v22)
@@ -115,18 +118,24 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float32_nchw_cuda
     sums_intm.update()
         .split(li_v22,li_v22,li_v32,32,TailStrategy::GuardWithIf)
         .fuse(li_v22,li_v23,li_v22)
-        .fuse(r77,r79,r77)
-        .reorder(li_v32,li_v22,r77)
+        .fuse(r80,r82,r80)
+        .reorder(li_v32,li_v22,r80)
         .gpu_blocks(li_v22)
         .atomic()
-        .gpu_blocks(r77)
+        .gpu_blocks(r80)
         .gpu_threads(li_v32)
     ;
     sums.update(0)
         .split(c,li_v38,li_v39,64,TailStrategy::GuardWithIf)
-        .reorder(r76,r78,li_v39,li_v38)
+        .reorder(r79,r81,li_v39,li_v38)
         .gpu_blocks(li_v38)
         .gpu_threads(li_v39)
+    ;
+    shift.compute_root()
+        .split(c,li_v42,li_v43,64,TailStrategy::GuardWithIf)
+        .reorder(li_v43,li_v42)
+        .gpu_blocks(li_v42)
+        .gpu_threads(li_v43)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 

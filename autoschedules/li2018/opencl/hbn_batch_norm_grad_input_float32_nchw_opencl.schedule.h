@@ -19,8 +19,8 @@ inline void apply_schedule_li2018_opencl_hbn_batch_norm_grad_input_float32_nchw_
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 8, "terms", __FILE__);
     Var c("c");
     Var inner("inner");
     Var li_v0("li_v0");

@@ -19,13 +19,14 @@ inline void apply_schedule_li2018_opencl_hbn_batch_norm_training_float32_nhwc_op
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c("c");
     Var li_v1("li_v1");
     Var li_v10("li_v10");
@@ -42,6 +43,8 @@ inline void apply_schedule_li2018_opencl_hbn_batch_norm_training_float32_nhwc_op
     Var li_v28("li_v28");
     Var li_v29("li_v29");
     Var li_v3("li_v3");
+    Var li_v31("li_v31");
+    Var li_v32("li_v32");
     Var li_v4("li_v4");
     Var li_v5("li_v5");
     Var li_v6("li_v6");
@@ -49,9 +52,9 @@ inline void apply_schedule_li2018_opencl_hbn_batch_norm_training_float32_nhwc_op
     Var li_v8("li_v8");
     Var li_v9("li_v9");
     Var m("m");
-    RVar r8$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r71("r71");
-    RVar r72("r72");
+    RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r73("r73");
+    RVar r74("r74");
     batch_inv_std.compute_root()
         .split(c,li_v1,li_v2,64,TailStrategy::GuardWithIf)
         .reorder(li_v2,li_v1)
@@ -96,10 +99,10 @@ inline void apply_schedule_li2018_opencl_hbn_batch_norm_training_float32_nhwc_op
         .gpu_threads(li_v14)
     ;
     sums.update(0)
-        .split(r8$x,r71,r72,320,TailStrategy::GuardWithIf)
+        .split(r10$x,r73,r74,320,TailStrategy::GuardWithIf)
     ;
     Func sums_intm = sums.update(0)
-        .rfactor({{r71,li_v18}})
+        .rfactor({{r73,li_v18}})
         .compute_root()
         .split(li_v18,li_v23,li_v24,64,TailStrategy::GuardWithIf)
         .reorder(li_v24,li_v23)
@@ -108,15 +111,21 @@ inline void apply_schedule_li2018_opencl_hbn_batch_norm_training_float32_nhwc_op
     ;
     sums_intm.update()
         .split(li_v18,li_v25,li_v26,64,TailStrategy::GuardWithIf)
-        .reorder(r72,li_v26,li_v25)
+        .reorder(r74,li_v26,li_v25)
         .gpu_blocks(li_v25)
         .gpu_threads(li_v26)
     ;
     sums.update(0)
         .split(c,li_v28,li_v29,64,TailStrategy::GuardWithIf)
-        .reorder(r71,li_v29,li_v28)
+        .reorder(r73,li_v29,li_v28)
         .gpu_blocks(li_v28)
         .gpu_threads(li_v29)
+    ;
+    shift.compute_root()
+        .split(c,li_v31,li_v32,64,TailStrategy::GuardWithIf)
+        .reorder(li_v32,li_v31)
+        .gpu_blocks(li_v31)
+        .gpu_threads(li_v32)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 

@@ -19,65 +19,77 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float16_nhwc_pa
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c("c");
     Var li_v1("li_v1");
-    Var li_v11("li_v11");
-    Var li_v12("li_v12");
+    Var li_v13("li_v13");
     Var li_v14("li_v14");
-    Var li_v15("li_v15");
+    Var li_v16("li_v16");
     Var li_v17("li_v17");
-    Var li_v18("li_v18");
+    Var li_v19("li_v19");
     Var li_v2("li_v2");
-    Var li_v3("li_v3");
+    Var li_v20("li_v20");
+    Var li_v22("li_v22");
+    Var li_v23("li_v23");
     Var li_v4("li_v4");
+    Var li_v5("li_v5");
+    Var li_v7("li_v7");
     Var li_v8("li_v8");
-    Var li_v9("li_v9");
     Var m("m");
-    RVar r11$x(sums.update(0).get_schedule().rvars()[0].var);
-    grad_bias.compute_root()
-        .split(c,li_v1,li_v2,8,TailStrategy::GuardWithIf)
+    RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
+    grad_residual.compute_root()
+        .split(c,li_v1,li_v2,16,TailStrategy::GuardWithIf)
+        .fuse(li_v1,m,li_v1)
         .reorder(li_v2,li_v1)
-        .parallel(li_v1)
+        .parallel(li_v1,31360,TailStrategy::GuardWithIf)
         .vectorize(li_v2)
     ;
+    grad_bias.compute_root()
+        .split(c,li_v4,li_v5,4,TailStrategy::GuardWithIf)
+        .reorder(li_v5,li_v4)
+        .parallel(li_v4,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v5)
+    ;
     grad_weight.compute_root()
-        .split(c,li_v3,li_v4,8,TailStrategy::GuardWithIf)
-        .reorder(li_v4,li_v3)
-        .parallel(li_v3)
-        .vectorize(li_v4)
+        .split(c,li_v7,li_v8,4,TailStrategy::GuardWithIf)
+        .reorder(li_v8,li_v7)
+        .parallel(li_v7,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v8)
     ;
     // inv_std_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     output.compute_root()
-        .split(c,li_v8,li_v9,16,TailStrategy::GuardWithIf)
-        .fuse(li_v8,m,li_v8)
-        .reorder(li_v9,li_v8)
-        .parallel(li_v8,31360,TailStrategy::GuardWithIf)
-        .vectorize(li_v9)
+        .split(c,li_v13,li_v14,16,TailStrategy::GuardWithIf)
+        .fuse(li_v13,m,li_v13)
+        .reorder(li_v14,li_v13)
+        .parallel(li_v13,31360,TailStrategy::GuardWithIf)
+        .vectorize(li_v14)
     ;
     terms.compute_root()
-        .split(c,li_v11,li_v12,4,TailStrategy::GuardWithIf)
-        .reorder(li_v12,li_v11)
-        .parallel(li_v11,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v12)
+        .split(c,li_v16,li_v17,4,TailStrategy::GuardWithIf)
+        .reorder(li_v17,li_v16)
+        .parallel(li_v16,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v17)
     ;
     sums.compute_root()
-        .split(c,li_v14,li_v15,4,TailStrategy::GuardWithIf)
-        .reorder(li_v15,li_v14)
-        .parallel(li_v14,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v15)
+        .split(c,li_v19,li_v20,4,TailStrategy::GuardWithIf)
+        .reorder(li_v20,li_v19)
+        .parallel(li_v19,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v20)
     ;
     sums.update(0)
-        .split(c,li_v17,li_v18,4,TailStrategy::GuardWithIf)
-        .reorder(r11$x,li_v18,li_v17)
-        .parallel(li_v17,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v18)
+        .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
+        .reorder(r13$x,li_v23,li_v22)
+        .parallel(li_v22,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v23)
     ;
     // mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // grad_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // forward_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 
 }
 

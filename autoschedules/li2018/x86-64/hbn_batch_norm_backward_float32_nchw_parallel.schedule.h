@@ -19,68 +19,81 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float32_nchw_pa
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c("c");
     Var inner("inner");
-    Var li_v10("li_v10");
-    Var li_v12("li_v12");
-    Var li_v13("li_v13");
+    Var li_v14("li_v14");
     Var li_v15("li_v15");
-    Var li_v16("li_v16");
+    Var li_v17("li_v17");
     Var li_v18("li_v18");
-    Var li_v19("li_v19");
     Var li_v2("li_v2");
+    Var li_v20("li_v20");
+    Var li_v21("li_v21");
+    Var li_v23("li_v23");
+    Var li_v24("li_v24");
     Var li_v3("li_v3");
-    Var li_v4("li_v4");
     Var li_v5("li_v5");
+    Var li_v6("li_v6");
+    Var li_v8("li_v8");
     Var li_v9("li_v9");
     Var n("n");
-    RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r13$y(sums.update(0).get_schedule().rvars()[1].var);
-    grad_bias.compute_root()
-        .split(c,li_v2,li_v3,8,TailStrategy::GuardWithIf)
+    RVar r16$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r16$y(sums.update(0).get_schedule().rvars()[1].var);
+    grad_residual.compute_root()
+        .split(inner,li_v2,li_v3,8,TailStrategy::GuardWithIf)
+        .fuse(li_v2,c,li_v2)
+        .fuse(li_v2,n,li_v2)
         .reorder(li_v3,li_v2)
-        .parallel(li_v2)
+        .parallel(li_v2,50304,TailStrategy::GuardWithIf)
         .vectorize(li_v3)
     ;
+    grad_bias.compute_root()
+        .split(c,li_v5,li_v6,4,TailStrategy::GuardWithIf)
+        .reorder(li_v6,li_v5)
+        .parallel(li_v5,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v6)
+    ;
     grad_weight.compute_root()
-        .split(c,li_v4,li_v5,8,TailStrategy::GuardWithIf)
-        .reorder(li_v5,li_v4)
-        .parallel(li_v4)
-        .vectorize(li_v5)
+        .split(c,li_v8,li_v9,4,TailStrategy::GuardWithIf)
+        .reorder(li_v9,li_v8)
+        .parallel(li_v8,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v9)
     ;
     // inv_std_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     output.compute_root()
-        .split(inner,li_v9,li_v10,8,TailStrategy::GuardWithIf)
-        .fuse(li_v9,c,li_v9)
-        .fuse(li_v9,n,li_v9)
-        .reorder(li_v10,li_v9)
-        .parallel(li_v9,50304,TailStrategy::GuardWithIf)
-        .vectorize(li_v10)
+        .split(inner,li_v14,li_v15,8,TailStrategy::GuardWithIf)
+        .fuse(li_v14,c,li_v14)
+        .fuse(li_v14,n,li_v14)
+        .reorder(li_v15,li_v14)
+        .parallel(li_v14,50304,TailStrategy::GuardWithIf)
+        .vectorize(li_v15)
     ;
     terms.compute_root()
-        .split(c,li_v12,li_v13,4,TailStrategy::GuardWithIf)
-        .reorder(li_v13,li_v12)
-        .parallel(li_v12,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v13)
+        .split(c,li_v17,li_v18,4,TailStrategy::GuardWithIf)
+        .reorder(li_v18,li_v17)
+        .parallel(li_v17,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v18)
     ;
     sums.compute_root()
-        .split(c,li_v15,li_v16,4,TailStrategy::GuardWithIf)
-        .reorder(li_v16,li_v15)
-        .parallel(li_v15,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v16)
+        .split(c,li_v20,li_v21,4,TailStrategy::GuardWithIf)
+        .reorder(li_v21,li_v20)
+        .parallel(li_v20,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v21)
     ;
     sums.update(0)
-        .split(c,li_v18,li_v19,4,TailStrategy::GuardWithIf)
-        .reorder(r13$x,r13$y,li_v19,li_v18)
-        .parallel(li_v18,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v19)
+        .split(c,li_v23,li_v24,4,TailStrategy::GuardWithIf)
+        .reorder(r16$x,r16$y,li_v24,li_v23)
+        .parallel(li_v23,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v24)
     ;
     // mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // grad_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // forward_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 
 }
 

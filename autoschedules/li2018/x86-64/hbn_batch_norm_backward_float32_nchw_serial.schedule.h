@@ -19,15 +19,14 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float32_nchw_se
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c("c");
     Var inner("inner");
-    Var li_v11("li_v11");
-    Var li_v12("li_v12");
     Var li_v14("li_v14");
     Var li_v15("li_v15");
     Var li_v17("li_v17");
@@ -35,46 +34,59 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float32_nchw_se
     Var li_v2("li_v2");
     Var li_v20("li_v20");
     Var li_v21("li_v21");
+    Var li_v23("li_v23");
+    Var li_v24("li_v24");
     Var li_v3("li_v3");
     Var li_v5("li_v5");
     Var li_v6("li_v6");
+    Var li_v8("li_v8");
+    Var li_v9("li_v9");
     Var n("n");
-    RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r13$y(sums.update(0).get_schedule().rvars()[1].var);
-    grad_bias.compute_root()
-        .split(c,li_v2,li_v3,8,TailStrategy::GuardWithIf)
+    RVar r16$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r16$y(sums.update(0).get_schedule().rvars()[1].var);
+    grad_residual.compute_root()
+        .split(inner,li_v2,li_v3,8,TailStrategy::GuardWithIf)
+        .fuse(li_v2,c,li_v2)
+        .fuse(li_v2,n,li_v2)
         .reorder(li_v3,li_v2)
         .vectorize(li_v3)
     ;
-    grad_weight.compute_root()
-        .split(c,li_v5,li_v6,8,TailStrategy::GuardWithIf)
+    grad_bias.compute_root()
+        .split(c,li_v5,li_v6,4,TailStrategy::GuardWithIf)
         .reorder(li_v6,li_v5)
         .vectorize(li_v6)
     ;
+    grad_weight.compute_root()
+        .split(c,li_v8,li_v9,4,TailStrategy::GuardWithIf)
+        .reorder(li_v9,li_v8)
+        .vectorize(li_v9)
+    ;
     // inv_std_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     output.compute_root()
-        .split(inner,li_v11,li_v12,8,TailStrategy::GuardWithIf)
-        .fuse(li_v11,c,li_v11)
-        .fuse(li_v11,n,li_v11)
-        .reorder(li_v12,li_v11)
-        .vectorize(li_v12)
-    ;
-    terms.compute_root()
-        .split(c,li_v14,li_v15,4,TailStrategy::GuardWithIf)
+        .split(inner,li_v14,li_v15,8,TailStrategy::GuardWithIf)
+        .fuse(li_v14,c,li_v14)
+        .fuse(li_v14,n,li_v14)
         .reorder(li_v15,li_v14)
         .vectorize(li_v15)
     ;
-    sums.compute_root()
+    terms.compute_root()
         .split(c,li_v17,li_v18,4,TailStrategy::GuardWithIf)
         .reorder(li_v18,li_v17)
         .vectorize(li_v18)
     ;
-    sums.update(0)
+    sums.compute_root()
         .split(c,li_v20,li_v21,4,TailStrategy::GuardWithIf)
-        .reorder(r13$x,r13$y,li_v21,li_v20)
+        .reorder(li_v21,li_v20)
         .vectorize(li_v21)
     ;
+    sums.update(0)
+        .split(c,li_v23,li_v24,4,TailStrategy::GuardWithIf)
+        .reorder(r16$x,r16$y,li_v24,li_v23)
+        .vectorize(li_v24)
+    ;
     // mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // grad_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // forward_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 
 }
 

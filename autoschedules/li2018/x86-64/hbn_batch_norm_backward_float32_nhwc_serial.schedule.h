@@ -19,15 +19,14 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float32_nhwc_se
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 6, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c("c");
     Var li_v1("li_v1");
-    Var li_v10("li_v10");
-    Var li_v11("li_v11");
     Var li_v13("li_v13");
     Var li_v14("li_v14");
     Var li_v16("li_v16");
@@ -35,43 +34,55 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float32_nhwc_se
     Var li_v19("li_v19");
     Var li_v2("li_v2");
     Var li_v20("li_v20");
+    Var li_v22("li_v22");
+    Var li_v23("li_v23");
     Var li_v4("li_v4");
     Var li_v5("li_v5");
+    Var li_v7("li_v7");
+    Var li_v8("li_v8");
     Var m("m");
-    RVar r11$x(sums.update(0).get_schedule().rvars()[0].var);
-    grad_bias.compute_root()
+    RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
+    grad_residual.compute_root()
         .split(c,li_v1,li_v2,8,TailStrategy::GuardWithIf)
+        .fuse(li_v1,m,li_v1)
         .reorder(li_v2,li_v1)
         .vectorize(li_v2)
     ;
-    grad_weight.compute_root()
-        .split(c,li_v4,li_v5,8,TailStrategy::GuardWithIf)
+    grad_bias.compute_root()
+        .split(c,li_v4,li_v5,4,TailStrategy::GuardWithIf)
         .reorder(li_v5,li_v4)
         .vectorize(li_v5)
     ;
+    grad_weight.compute_root()
+        .split(c,li_v7,li_v8,4,TailStrategy::GuardWithIf)
+        .reorder(li_v8,li_v7)
+        .vectorize(li_v8)
+    ;
     // inv_std_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     output.compute_root()
-        .split(c,li_v10,li_v11,8,TailStrategy::GuardWithIf)
-        .fuse(li_v10,m,li_v10)
-        .reorder(li_v11,li_v10)
-        .vectorize(li_v11)
-    ;
-    terms.compute_root()
-        .split(c,li_v13,li_v14,4,TailStrategy::GuardWithIf)
+        .split(c,li_v13,li_v14,8,TailStrategy::GuardWithIf)
+        .fuse(li_v13,m,li_v13)
         .reorder(li_v14,li_v13)
         .vectorize(li_v14)
     ;
-    sums.compute_root()
+    terms.compute_root()
         .split(c,li_v16,li_v17,4,TailStrategy::GuardWithIf)
         .reorder(li_v17,li_v16)
         .vectorize(li_v17)
     ;
-    sums.update(0)
+    sums.compute_root()
         .split(c,li_v19,li_v20,4,TailStrategy::GuardWithIf)
-        .reorder(r11$x,li_v20,li_v19)
+        .reorder(li_v20,li_v19)
         .vectorize(li_v20)
     ;
+    sums.update(0)
+        .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
+        .reorder(r13$x,li_v23,li_v22)
+        .vectorize(li_v23)
+    ;
     // mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // grad_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
+    // forward_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 
 }
 

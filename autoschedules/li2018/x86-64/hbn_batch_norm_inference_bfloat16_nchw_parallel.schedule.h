@@ -19,8 +19,8 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_inference_bfloat16_nchw_
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func output = hbn_schedules::stage(pipeline, 6, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 5, "scale", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
     Var c("c");
     Var inner("inner");
     Var li_v0("li_v0");

@@ -19,8 +19,8 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_inference_float32_nhwc_p
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func output = hbn_schedules::stage(pipeline, 6, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 5, "scale", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
     Var c("c");
     Var li_v0("li_v0");
     Var li_v1("li_v1");
@@ -35,9 +35,9 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_inference_float32_nhwc_p
         .vectorize(li_v1)
     ;
     scale.compute_root()
-        .split(c,li_v3,li_v4,8,TailStrategy::GuardWithIf)
+        .split(c,li_v3,li_v4,4,TailStrategy::GuardWithIf)
         .reorder(li_v4,li_v3)
-        .parallel(li_v3)
+        .parallel(li_v3,1,TailStrategy::GuardWithIf)
         .vectorize(li_v4)
     ;
     // running_mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.

@@ -19,14 +19,14 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_bfloat16_nchw_s
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 2, "shift", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c("c");
     Var inner("inner");
     Var li_v11("li_v11");
@@ -48,8 +48,8 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_bfloat16_nchw_s
     Var li_v8("li_v8");
     Var li_v9("li_v9");
     Var n("n");
-    RVar r9$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r9$y(sums.update(0).get_schedule().rvars()[1].var);
+    RVar r12$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r12$y(sums.update(0).get_schedule().rvars()[1].var);
     batch_inv_std.compute_root()
         .split(c,li_v2,li_v3,8,TailStrategy::GuardWithIf)
         .reorder(li_v3,li_v2)
@@ -89,7 +89,7 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_bfloat16_nchw_s
     ;
     sums.update(0)
         .split(c,li_v23,li_v24,4,TailStrategy::GuardWithIf)
-        .reorder(r9$x,r9$y,li_v24,li_v23)
+        .reorder(r12$x,r12$y,li_v24,li_v23)
         .vectorize(li_v24)
     ;
     shift.compute_root()

@@ -19,14 +19,14 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_bfloat16_nhwc_p
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 2, "shift", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c("c");
     Var li_v1("li_v1");
     Var li_v10("li_v10");
@@ -47,7 +47,7 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_bfloat16_nhwc_p
     Var li_v7("li_v7");
     Var li_v9("li_v9");
     Var m("m");
-    RVar r8$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
     batch_inv_std.compute_root()
         .split(c,li_v1,li_v2,8,TailStrategy::GuardWithIf)
         .reorder(li_v2,li_v1)
@@ -93,7 +93,7 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_bfloat16_nhwc_p
     ;
     sums.update(0)
         .split(c,li_v21,li_v22,4,TailStrategy::GuardWithIf)
-        .reorder(r8$x,li_v22,li_v21)
+        .reorder(r10$x,li_v22,li_v21)
         .parallel(li_v21,1,TailStrategy::GuardWithIf)
         .vectorize(li_v22)
     ;

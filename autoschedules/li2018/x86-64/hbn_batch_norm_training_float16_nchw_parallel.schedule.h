@@ -19,34 +19,34 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nchw_pa
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
     Var c("c");
     Var inner("inner");
+    Var li_v10("li_v10");
     Var li_v11("li_v11");
-    Var li_v12("li_v12");
     Var li_v13("li_v13");
     Var li_v14("li_v14");
-    Var li_v15("li_v15");
     Var li_v16("li_v16");
-    Var li_v18("li_v18");
+    Var li_v17("li_v17");
     Var li_v19("li_v19");
     Var li_v2("li_v2");
+    Var li_v20("li_v20");
+    Var li_v22("li_v22");
+    Var li_v23("li_v23");
     Var li_v3("li_v3");
     Var li_v4("li_v4");
     Var li_v5("li_v5");
-    Var li_v6("li_v6");
     Var li_v7("li_v7");
     Var li_v8("li_v8");
-    Var li_v9("li_v9");
     Var n("n");
-    RVar r9$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r9$y(sums.update(0).get_schedule().rvars()[1].var);
+    RVar r12$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r12$y(sums.update(0).get_schedule().rvars()[1].var);
     batch_inv_std.compute_root()
         .split(c,li_v2,li_v3,8,TailStrategy::GuardWithIf)
         .reorder(li_v3,li_v2)
@@ -54,48 +54,48 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nchw_pa
         .vectorize(li_v3)
     ;
     batch_var.compute_root()
-        .split(c,li_v4,li_v5,8,TailStrategy::GuardWithIf)
+        .split(c,li_v4,li_v5,4,TailStrategy::GuardWithIf)
         .reorder(li_v5,li_v4)
-        .parallel(li_v4)
+        .parallel(li_v4,1,TailStrategy::GuardWithIf)
         .vectorize(li_v5)
     ;
     batch_mean.compute_root()
-        .split(c,li_v6,li_v7,8,TailStrategy::GuardWithIf)
-        .reorder(li_v7,li_v6)
-        .parallel(li_v6)
-        .vectorize(li_v7)
+        .split(c,li_v7,li_v8,4,TailStrategy::GuardWithIf)
+        .reorder(li_v8,li_v7)
+        .parallel(li_v7,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v8)
     ;
     output.compute_root()
-        .split(inner,li_v8,li_v9,16,TailStrategy::GuardWithIf)
-        .fuse(li_v8,c,li_v8)
-        .fuse(li_v8,n,li_v8)
-        .reorder(li_v9,li_v8)
-        .parallel(li_v8,25216,TailStrategy::GuardWithIf)
-        .vectorize(li_v9)
+        .split(inner,li_v10,li_v11,16,TailStrategy::GuardWithIf)
+        .fuse(li_v10,c,li_v10)
+        .fuse(li_v10,n,li_v10)
+        .reorder(li_v11,li_v10)
+        .parallel(li_v10,25216,TailStrategy::GuardWithIf)
+        .vectorize(li_v11)
     ;
     scale.compute_root()
-        .split(c,li_v11,li_v12,8,TailStrategy::GuardWithIf)
-        .reorder(li_v12,li_v11)
-        .parallel(li_v11)
-        .vectorize(li_v12)
-    ;
-    statistics.compute_root()
-        .split(c,li_v13,li_v14,8,TailStrategy::GuardWithIf)
+        .split(c,li_v13,li_v14,4,TailStrategy::GuardWithIf)
         .reorder(li_v14,li_v13)
-        .parallel(li_v13)
+        .parallel(li_v13,1,TailStrategy::GuardWithIf)
         .vectorize(li_v14)
     ;
+    statistics.compute_root()
+        .split(c,li_v16,li_v17,4,TailStrategy::GuardWithIf)
+        .reorder(li_v17,li_v16)
+        .parallel(li_v16,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v17)
+    ;
     sums.compute_root()
-        .split(c,li_v15,li_v16,4,TailStrategy::GuardWithIf)
-        .reorder(li_v16,li_v15)
-        .parallel(li_v15,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v16)
+        .split(c,li_v19,li_v20,4,TailStrategy::GuardWithIf)
+        .reorder(li_v20,li_v19)
+        .parallel(li_v19,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v20)
     ;
     sums.update(0)
-        .split(c,li_v18,li_v19,4,TailStrategy::GuardWithIf)
-        .reorder(r9$x,r9$y,li_v19,li_v18)
-        .parallel(li_v18,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v19)
+        .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
+        .reorder(r12$x,r12$y,li_v23,li_v22)
+        .parallel(li_v22,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v23)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 

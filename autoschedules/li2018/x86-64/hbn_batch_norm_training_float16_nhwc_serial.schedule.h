@@ -19,13 +19,13 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_se
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
     Var c("c");
     Var li_v1("li_v1");
     Var li_v10("li_v10");
@@ -44,19 +44,19 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_se
     Var li_v7("li_v7");
     Var li_v8("li_v8");
     Var m("m");
-    RVar r8$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
     batch_inv_std.compute_root()
         .split(c,li_v1,li_v2,8,TailStrategy::GuardWithIf)
         .reorder(li_v2,li_v1)
         .vectorize(li_v2)
     ;
     batch_var.compute_root()
-        .split(c,li_v4,li_v5,8,TailStrategy::GuardWithIf)
+        .split(c,li_v4,li_v5,4,TailStrategy::GuardWithIf)
         .reorder(li_v5,li_v4)
         .vectorize(li_v5)
     ;
     batch_mean.compute_root()
-        .split(c,li_v7,li_v8,8,TailStrategy::GuardWithIf)
+        .split(c,li_v7,li_v8,4,TailStrategy::GuardWithIf)
         .reorder(li_v8,li_v7)
         .vectorize(li_v8)
     ;
@@ -67,12 +67,12 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_se
         .vectorize(li_v11)
     ;
     scale.compute_root()
-        .split(c,li_v13,li_v14,8,TailStrategy::GuardWithIf)
+        .split(c,li_v13,li_v14,4,TailStrategy::GuardWithIf)
         .reorder(li_v14,li_v13)
         .vectorize(li_v14)
     ;
     statistics.compute_root()
-        .split(c,li_v16,li_v17,8,TailStrategy::GuardWithIf)
+        .split(c,li_v16,li_v17,4,TailStrategy::GuardWithIf)
         .reorder(li_v17,li_v16)
         .vectorize(li_v17)
     ;
@@ -83,7 +83,7 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_se
     ;
     sums.update(0)
         .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
-        .reorder(r8$x,li_v23,li_v22)
+        .reorder(r10$x,li_v23,li_v22)
         .vectorize(li_v23)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.

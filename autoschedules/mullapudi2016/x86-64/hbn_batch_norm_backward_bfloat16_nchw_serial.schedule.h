@@ -24,10 +24,11 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_bfloat16
     Var inner_vi("inner_vi");
     Var inner_vo("inner_vo");
 
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
 
     {
         Var c = grad_bias.args()[0];
@@ -35,6 +36,13 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_bfloat16
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
+    }
+    {
+        Var inner = grad_residual.args()[0];
+        grad_residual
+            .compute_root()
+            .split(inner, inner_vo, inner_vi, 32, TailStrategy::GuardWithIf)
+            .vectorize(inner_vi);
     }
     {
         Var c = grad_weight.args()[0];
@@ -52,14 +60,14 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_bfloat16
     }
     {
         Var c = sums.args()[0];
-        RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
-        RVar r13$y(sums.update(0).get_schedule().rvars()[1].var);
+        RVar r16$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r16$y(sums.update(0).get_schedule().rvars()[1].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
         sums.update(0)
-            .reorder(r13$x, c, r13$y)
+            .reorder(r16$x, c, r16$y)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }

@@ -22,14 +22,22 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_float32_
     Var c_vi("c_vi");
     Var c_vo("c_vo");
 
-    Func grad_bias = hbn_schedules::stage(pipeline, 9, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 8, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
 
     {
         Var c = grad_bias.args()[0];
         grad_bias
+            .compute_root()
+            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
+            .vectorize(c_vi);
+    }
+    {
+        Var c = grad_residual.args()[0];
+        grad_residual
             .compute_root()
             .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
@@ -38,7 +46,7 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_float32_
         Var c = grad_weight.args()[0];
         grad_weight
             .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
+            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }
     {
@@ -50,13 +58,13 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_float32_
     }
     {
         Var c = sums.args()[0];
-        RVar r11$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
         sums.update(0)
-            .reorder(c, r11$x)
+            .reorder(c, r13$x)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }

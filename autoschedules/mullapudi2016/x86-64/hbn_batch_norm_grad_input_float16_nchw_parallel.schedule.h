@@ -22,7 +22,7 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_grad_input_float1
     Var inner_vi("inner_vi");
     Var inner_vo("inner_vo");
 
-    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
 
     {
         Var inner = output.args()[0];

@@ -22,7 +22,7 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_grad_input_float3
     Var c_vi("c_vi");
     Var c_vo("c_vo");
 
-    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
 
     {
         Var c = output.args()[0];

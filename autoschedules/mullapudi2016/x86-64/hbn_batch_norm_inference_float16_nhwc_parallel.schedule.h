@@ -22,8 +22,8 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_inference_float16
     Var c_vi("c_vi");
     Var c_vo("c_vo");
 
-    Func output = hbn_schedules::stage(pipeline, 6, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 5, "scale", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
 
     {
         Var c = output.args()[0];

@@ -22,14 +22,14 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_bfloat16
     Var c_vi("c_vi");
     Var c_vo("c_vo");
 
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 2, "shift", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
 
     {
         Var c = batch_inv_std.args()[0];
@@ -90,17 +90,17 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_bfloat16
     }
     {
         Var c = sums.args()[0];
-        RVar r8$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi)
             .parallel(c_vo);
         sums.update(0)
-            .reorder(c, r8$x)
+            .reorder(c, r10$x)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi)
-            .reorder(r8$x, c_vo)
+            .reorder(r10$x, c_vo)
             .parallel(c_vo);
     }
 

@@ -22,13 +22,13 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
     Var c_vi("c_vi");
     Var c_vo("c_vo");
 
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
 
     {
         Var c = batch_inv_std.args()[0];
@@ -41,14 +41,14 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
         Var c = batch_mean.args()[0];
         batch_mean
             .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
+            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }
     {
         Var c = batch_var.args()[0];
         batch_var
             .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
+            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }
     {
@@ -74,13 +74,13 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
     }
     {
         Var c = sums.args()[0];
-        RVar r8$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
         sums.update(0)
-            .reorder(c, r8$x)
+            .reorder(c, r10$x)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }

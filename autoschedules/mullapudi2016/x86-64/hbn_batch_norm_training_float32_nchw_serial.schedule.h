@@ -24,13 +24,14 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float32_
     Var inner_vi("inner_vi");
     Var inner_vo("inner_vo");
 
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 10, "batch_inv_std", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 8, "batch_mean", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 9, "batch_var", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 7, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 6, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 4, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 3, "sums", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
 
     {
         Var c = batch_inv_std.args()[0];
@@ -43,14 +44,14 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float32_
         Var c = batch_mean.args()[0];
         batch_mean
             .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
+            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }
     {
         Var c = batch_var.args()[0];
         batch_var
             .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
+            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }
     {
@@ -68,6 +69,13 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float32_
             .vectorize(c_vi);
     }
     {
+        Var c = shift.args()[0];
+        shift
+            .compute_root()
+            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
+            .vectorize(c_vi);
+    }
+    {
         Var c = statistics.args()[0];
         statistics
             .compute_root()
@@ -76,14 +84,14 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float32_
     }
     {
         Var c = sums.args()[0];
-        RVar r9$x(sums.update(0).get_schedule().rvars()[0].var);
-        RVar r9$y(sums.update(0).get_schedule().rvars()[1].var);
+        RVar r12$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r12$y(sums.update(0).get_schedule().rvars()[1].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
         sums.update(0)
-            .reorder(r9$x, c, r9$y)
+            .reorder(r12$x, c, r12$y)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }

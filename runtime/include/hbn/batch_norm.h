@@ -25,6 +25,10 @@ enum class Layout { NCHW, NHWC };
 // device raises RuntimeError saying what is missing.
 enum class Device { Auto, CPU, OpenCL, CUDA };
 
+// The activation of the fused epilogue (BatchNormOptions::activation).
+// ReLU is max(y, 0) with NaN kept NaN, as torch.relu.
+enum class Activation { None, ReLU };
+
 // Where a Tensor's memory lives, and what its data pointer is:
 //   Host:   a host pointer;
 //   OpenCL: a cl_mem, created in hbn's context (opencl_context());
@@ -98,6 +102,34 @@ struct BatchNormOptions {
     // is committed; if it is thrown on some processes only, the others wait
     // in their next all-reduce, so a hook should fail everywhere or abort.
     AllReduce all_reduce;
+
+    // Fused epilogue: ResNet's BN -> ReLU and BN -> add -> ReLU in the same
+    // pass over the data, so that neither op reads and writes the tensor
+    // again. The forward (all three calls) writes
+    //   output = activation(bn(input_x) + residual)
+    // where the sum is formed in float32 (in double where the normalization
+    // is) and rounded once to output's dtype. residual: input_x's dtype,
+    // shape and memory; it may be output itself (in place). A default
+    // Tensor{} (rank 0) adds nothing. The statistics, and so the running
+    // statistics, are those of input_x alone.
+    Activation activation = Activation::None;
+    Tensor residual;
+    // The backward through a fused forward (batch_norm_backward only; the
+    // forward calls ignore these two). Its grad_output is the gradient of
+    // the forward's output; with ReLU, the gradient that reaches batch norm
+    // and the residual is grad_output where the forward's output is > 0 (or
+    // NaN), and 0 where it is <= 0, as PyTorch's ReLU backward gives it:
+    // - forward_output: that output (the mask; cuDNN's way: no workspace to
+    //   keep). Needed with ReLU, not read without. input_x's dtype, shape
+    //   and memory.
+    // - grad_residual: written, when given, with the residual's gradient
+    //   (that masked grad_output, or grad_output itself without ReLU);
+    //   input_x's dtype, shape and memory. It may be grad_output itself (in
+    //   place). When it is given, grad_input may not be grad_output
+    //   (ValueError): the two passes would read each other's writes.
+    // The backward does not read residual.
+    Tensor forward_output;
+    Tensor grad_residual;
 };
 
 // MindSpore's error classes: TypeError for dtypes, ValueError for values,
@@ -115,7 +147,8 @@ private:
     std::string message_;
 };
 
-// y = (x - mean) / sqrt(var + eps) * weight + bias, per channel.
+// y = (x - mean) / sqrt(var + eps) * weight + bias, per channel, then the
+// fused epilogue of options.activation and options.residual, if any.
 // Inference (options.training == false) uses running_mean and running_var and
 // only reads them. Training uses the batch mean and biased batch variance and
 // then updates, in place,
@@ -141,7 +174,9 @@ void batch_norm_training(const Tensor &input_x, const Tensor &running_mean,
                          const Tensor &saved_inv_std, const BatchNormOptions &options = {});
 
 // Gradients of batch_norm, as PyTorch's native_batch_norm_backward computes
-// them, per channel over its M values, with xhat = (x - mean) * inv_std:
+// them, per channel over its M values, with xhat = (x - mean) * inv_std. dy
+// is grad_output, or, through a fused epilogue, its masked form (see
+// BatchNormOptions::forward_output), which grad_residual receives:
 //   training (options.training): mean and inv_std are the forward's saved_mean
 //     and saved_inv_std (from batch_norm_training, Float32, shape {C});
 //       grad_bias   = sum(dy)
