@@ -234,28 +234,46 @@ hbn::Tensor on_device(HostTensor &t, const DeviceBuffer &buffer) {
 class OpenCLMemory : public ::testing::TestWithParam<std::tuple<Layout, DType, bool, bool>> {};
 
 // input_x and output as cl_mem: the call runs on OpenCL (Auto follows the
-// memory), reads and writes them in place, and matches the reference.
+// memory), reads and writes them in place, and matches the reference; also
+// through the fused add + ReLU, its residual a cl_mem too, and in place
+// output over input_x and over the residual.
 TEST_P(OpenCLMemory, ZeroCopyMatchesReference) {
     HBN_SKIP_UNLESS_OPENCL_USABLE();
     const auto [layout, dtype, training, in_place] = GetParam();
     const hbn::OpenCLContext cl = hbn::opencl_context();
     const auto queue = static_cast<cl_command_queue>(cl.queue);
-    BatchNormCase t({3, 5, 7, 6}, layout, dtype, DType::Float32, training, 7);
-    const ReferenceResult expected = t.reference();
-    const size_t bytes = t.x.bytes().size();
+    for (Epilogue epilogue : {Epilogue::None, Epilogue::AddReLU}) {
+        for (bool over_residual : {false, true}) {
+            if (over_residual && !(in_place && adds_residual(epilogue))) {
+                continue;
+            }
+            const std::string what = epilogue_name(epilogue) + (over_residual ? "over the residual " : "");
+            BatchNormCase t({3, 5, 7, 6}, layout, dtype, DType::Float32, training, 7);
+            t.set_epilogue(epilogue);
+            const ReferenceResult expected = t.reference();
+            const size_t bytes = t.x.bytes().size();
 
-    DeviceBuffer x(cl, bytes), separate_output(cl, bytes);
-    const DeviceBuffer &y = in_place ? x : separate_output;
-    ASSERT_EQ(clEnqueueWriteBuffer(queue, x.get(), CL_TRUE, 0, bytes, t.x.bytes().data(), 0, nullptr, nullptr),
-              CL_SUCCESS);
-    hbn::batch_norm(on_device(t.x, x), t.running_mean.view(), t.running_var.view(), t.weight.view(),
-                    t.bias.view(), on_device(t.output, y), t.options);
-    ASSERT_EQ(clEnqueueReadBuffer(queue, y.get(), CL_TRUE, 0, bytes, t.output.view().data, 0, nullptr,
-                                  nullptr),
-              CL_SUCCESS);
-    expect_close(t.output.values(), expected.output, output_tolerance(dtype), "output");
-    expect_close(t.running_mean.values(), expected.running_mean, 2e-6, "running_mean");
-    expect_close(t.running_var.values(), expected.running_var, 2e-6, "running_var");
+            DeviceBuffer x(cl, bytes), residual(cl, bytes), separate_output(cl, bytes);
+            const DeviceBuffer &y = !in_place ? separate_output : over_residual ? residual : x;
+            ASSERT_EQ(clEnqueueWriteBuffer(queue, x.get(), CL_TRUE, 0, bytes, t.x.bytes().data(), 0, nullptr, nullptr),
+                      CL_SUCCESS);
+            hbn::BatchNormOptions options = t.call_options();
+            if (adds_residual(epilogue)) {
+                ASSERT_EQ(clEnqueueWriteBuffer(queue, residual.get(), CL_TRUE, 0, bytes, t.residual.bytes().data(), 0,
+                                               nullptr, nullptr),
+                          CL_SUCCESS);
+                options.residual = on_device(t.residual, residual);
+            }
+            hbn::batch_norm(on_device(t.x, x), t.running_mean.view(), t.running_var.view(), t.weight.view(),
+                            t.bias.view(), on_device(t.output, y), options);
+            ASSERT_EQ(clEnqueueReadBuffer(queue, y.get(), CL_TRUE, 0, bytes, t.output.view().data, 0, nullptr,
+                                          nullptr),
+                      CL_SUCCESS);
+            expect_close(t.output.values(), expected.output, output_tolerance(dtype), what + "output");
+            expect_close(t.running_mean.values(), expected.running_mean, 2e-6, what + "running_mean");
+            expect_close(t.running_var.values(), expected.running_var, 2e-6, what + "running_var");
+        }
+    }
 }
 
 std::string memory_case_name(const ::testing::TestParamInfo<OpenCLMemory::ParamType> &info) {

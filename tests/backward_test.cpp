@@ -55,17 +55,22 @@ std::string case_name(Layout layout, bool training) {
     return std::string(training ? "training " : "inference ") + (layout == Layout::NCHW ? "NCHW: " : "NHWC: ");
 }
 
-// Every rank, layout, dtype and mode against the reference, in training
-// with the saved statistics of hbn's own forward.
+// Every rank, layout, dtype, mode and fused epilogue against the reference,
+// in training with the saved statistics of hbn's own forward.
 class BackwardMatrix : public ::testing::TestWithParam<MatrixParam> {};
 
 TEST_P(BackwardMatrix, MatchesDoubleReference) {
     const auto &[layout, x_dtype, param_dtype, training] = GetParam();
     for (const std::vector<int64_t> &shape : matrix_shapes) {
-        BackwardCase t(shape, layout, x_dtype, param_dtype, training, 7);
-        const ReferenceBackward expected = t.reference();
-        t.run();
-        expect_gradients(t, expected, shape_name(shape) + " ");
+        for (Epilogue epilogue : all_epilogues) {
+            BackwardCase t(shape, layout, x_dtype, param_dtype, training, 7);
+            t.set_epilogue(epilogue);
+            const ReferenceBackward expected = t.reference();
+            t.run();
+            const std::string what = epilogue_name(epilogue) + shape_name(shape) + " ";
+            expect_gradients(t, expected, what);
+            t.expect_grad_residual(what);
+        }
     }
 }
 
@@ -83,6 +88,93 @@ TEST(Backward, GradInputMayBeGradOutput) {
                 const std::string what = case_name(layout, training) + "in place ";
                 expect_grad_input(t.dy, expected, what);
                 expect_parameter_gradients(t, expected, what);
+            }
+        }
+    }
+}
+
+// Through the fused epilogue, grad_residual may be grad_output itself (the
+// masked dy over dy), and grad_input is still formed from the masked dy.
+TEST(BackwardEpilogue, GradResidualMayBeGradOutput) {
+    for (bool training : {false, true}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            for (DType dtype : all_dtypes) {
+                for (Epilogue epilogue : {Epilogue::Add, Epilogue::AddReLU}) {
+                    BackwardCase t({4, 11, 9, 10}, layout, dtype, DType::Float32, training, 5);
+                    t.set_epilogue(epilogue);
+                    const ReferenceBackward expected = t.reference();
+                    const std::vector<double> expected_dz = t.normalized_gradient();
+                    BackwardCase::Views v = t.views();
+                    v.grad_residual = v.grad_output;
+                    t.call(v);
+                    const std::string what = epilogue_name(epilogue) + dtype_label(dtype) + " " +
+                                             case_name(layout, training) + "in place ";
+                    expect_close(t.dy.values(), expected_dz, 0, what + "grad_residual");
+                    expect_gradients(t, expected, what);
+                }
+            }
+        }
+    }
+}
+
+// The fused forward, then the backward through it with the forward's own
+// output as the mask: against the double reference of the whole chain,
+// relu(bn(x) + residual), whose mask is the reference output's sign.
+TEST(BackwardEpilogue, ChainedWithTheFusedForwardMatchesReference) {
+    for (bool training : {false, true}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            for (DType dtype : all_dtypes) {
+                for (Epilogue epilogue : {Epilogue::ReLU, Epilogue::AddReLU}) {
+                    BackwardCase t({3, 7, 6, 5}, layout, dtype, DType::Float32, training, 23);
+                    t.set_epilogue(epilogue);
+                    t.forward.set_epilogue(epilogue);
+                    const ReferenceResult forward_expected = t.forward.reference();
+                    if (training) {
+                        t.saved = t.forward.run_training();
+                    } else {
+                        t.forward.run();
+                    }
+                    const std::string what = epilogue_name(epilogue) + dtype_label(dtype) + " " +
+                                             case_name(layout, training);
+                    expect_close(t.forward.output.values(), forward_expected.output, output_tolerance(dtype),
+                                 what + "forward output");
+                    t.forward_output = t.forward.output;
+                    // The reference's own mask, not hbn's output: an independent chain.
+                    const std::vector<double> dz = reference_relu_gradient(t.dy.values(), forward_expected.output);
+                    const ReferenceBackward expected =
+                        reference_batch_norm_backward(dz, t.forward.x.values(), t.forward.shape, layout,
+                                                      t.forward.weight.values(), t.mean(), t.inv_std(), training);
+                    t.run();
+                    expect_gradients(t, expected, what);
+                    if (adds_residual(epilogue)) {
+                        expect_close(t.grad_residual.values(), dz, 0, what + "grad_residual");
+                    }
+                }
+            }
+        }
+    }
+}
+
+// A NaN in the forward's output passes dy, as PyTorch's ReLU backward does
+// (NaN <= 0 is false): the mask, and so grad_residual, differ there only.
+TEST(BackwardEpilogue, NaNInForwardOutputPassesTheGradient) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (bool training : {false, true}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            for (DType dtype : all_dtypes) {
+                BackwardCase t({3, 6, 5, 5}, layout, dtype, DType::Float32, training, 29);
+                t.set_epilogue(Epilogue::AddReLU);
+                for (size_t i : {size_t(0), size_t(5), size_t(77)}) {  // among them, exact zeros
+                    t.forward_output.set(i, nan);
+                }
+                const ReferenceBackward expected = t.reference();
+                t.run();
+                const std::string what = dtype_label(dtype) + " " + case_name(layout, training);
+                for (size_t i : {size_t(0), size_t(5), size_t(77)}) {
+                    EXPECT_EQ(t.grad_residual.get(i), t.dy.get(i)) << what << "grad_residual at NaN " << i;
+                }
+                expect_gradients(t, expected, what);
+                t.expect_grad_residual(what);
             }
         }
     }
@@ -206,7 +298,7 @@ TEST(Backward, EmptyInputInInferenceGivesZeroParameterGradients) {
 void expect_rejected(BackwardCase &t, const BackwardCase::Views &v, ErrorKind kind,
                      const std::vector<std::string> &names, const std::string &what) {
     const auto input_before = t.grad_input.bytes(), weight_before = t.grad_weight.bytes(),
-               bias_before = t.grad_bias.bytes(), dy_before = t.dy.bytes();
+               bias_before = t.grad_bias.bytes(), dy_before = t.dy.bytes(), residual_before = t.grad_residual.bytes();
     try {
         t.call(v);
         ADD_FAILURE() << "no hbn::Error for " << what;
@@ -221,6 +313,7 @@ void expect_rejected(BackwardCase &t, const BackwardCase::Views &v, ErrorKind ki
     EXPECT_EQ(t.grad_weight.bytes(), weight_before) << what << ": grad_weight written";
     EXPECT_EQ(t.grad_bias.bytes(), bias_before) << what << ": grad_bias written";
     EXPECT_EQ(t.dy.bytes(), dy_before) << what << ": grad_output written";
+    EXPECT_EQ(t.grad_residual.bytes(), residual_before) << what << ": grad_residual written";
 }
 
 // Training needs M >= 2, as the forward does: an empty input_x (M = 0) is
@@ -548,7 +641,54 @@ INSTANTIATE_TEST_SUITE_P(
         BadBackward{"grad_bias_is_saved_mean", ErrorKind::ValueError, {"saved_mean", "grad_bias"}, true,
                     [](auto &) {}, [](auto &, auto &v) { v.grad_bias = v.saved_mean; }},
         BadBackward{"grad_bias_is_weight", ErrorKind::ValueError, {"weight", "grad_bias"}, false, [](auto &) {},
-                    [](auto &, auto &v) { v.grad_bias = v.weight; }}),
+                    [](auto &, auto &v) { v.grad_bias = v.weight; }},
+        // The fused epilogue's tensors.
+        BadBackward{"activation_unknown", ErrorKind::ValueError, {"options.activation"}, true,
+                    [](auto &t) { t.forward.options.activation = static_cast<hbn::Activation>(3); }},
+        BadBackward{"relu_without_forward_output", ErrorKind::ValueError, {"options.forward_output", "ReLU"}, false,
+                    [](auto &t) { t.set_epilogue(Epilogue::ReLU); },
+                    [](auto &, auto &v) { v.forward_output = hbn::Tensor{}; }},
+        BadBackward{"forward_output_shape", ErrorKind::ValueError, {"options.forward_output"}, true,
+                    [](auto &t) {
+                        t.set_epilogue(Epilogue::AddReLU);
+                        t.forward_output = filled(DType::Float32, {4, 5, 3}, 1);
+                    }},
+        BadBackward{"forward_output_dtype", ErrorKind::TypeError, {"options.forward_output"}, false,
+                    [](auto &t) {
+                        t.set_epilogue(Epilogue::ReLU);
+                        t.forward_output = filled(DType::BFloat16, {4, 3, 5}, 1);
+                    }},
+        BadBackward{"forward_output_memory", ErrorKind::ValueError, {"options.forward_output"}, true,
+                    [](auto &t) {
+                        t.set_epilogue(Epilogue::ReLU);
+                        t.forward_output.relabel(hbn::Memory::OpenCL);
+                    }},
+        BadBackward{"grad_residual_dtype", ErrorKind::TypeError, {"options.grad_residual"}, true,
+                    [](auto &t) {
+                        t.set_epilogue(Epilogue::Add);
+                        t.grad_residual = filled(DType::Float16, {4, 3, 5}, sentinel);
+                    }},
+        BadBackward{"grad_residual_null", ErrorKind::ValueError, {"options.grad_residual"}, false,
+                    [](auto &t) {
+                        t.set_epilogue(Epilogue::AddReLU);
+                        t.grad_residual = HostTensor(DType::Float32, {4, 3, 5}, {});
+                    }},
+        BadBackward{"grad_residual_is_grad_input", ErrorKind::ValueError, {"grad_input", "options.grad_residual"},
+                    true, [](auto &t) { t.set_epilogue(Epilogue::AddReLU); },
+                    [](auto &, auto &v) { v.grad_residual = v.grad_input; }},
+        BadBackward{"grad_residual_is_forward_output", ErrorKind::ValueError,
+                    {"options.forward_output", "options.grad_residual"}, false,
+                    [](auto &t) { t.set_epilogue(Epilogue::AddReLU); },
+                    [](auto &, auto &v) { v.grad_residual = v.forward_output; }},
+        // grad_residual's pass reads grad_output, which in place grad_input
+        // would already have overwritten.
+        BadBackward{"grad_input_is_grad_output_with_grad_residual", ErrorKind::ValueError,
+                    {"grad_output", "grad_input", "options.grad_residual"}, true,
+                    [](auto &t) { t.set_epilogue(Epilogue::Add); },
+                    [](auto &, auto &v) { v.grad_input = v.grad_output; }},
+        BadBackward{"grad_input_is_forward_output", ErrorKind::ValueError, {"grad_input", "options.forward_output"},
+                    false, [](auto &t) { t.set_epilogue(Epilogue::ReLU); },
+                    [](auto &, auto &v) { v.grad_input = v.forward_output; }}),
     [](const auto &info) { return std::string(info.param.name); });
 
 // A Halide runtime failure inside the backward (here, its NHWC block sums

@@ -7,7 +7,8 @@
 //   aborts the test program rather than hang;
 // - SyncBatch and Participant: one global batch split along its leading axis
 //   N among the processes, each process's tensors (its slice, its own running
-//   statistics) and the double reference of the whole batch;
+//   statistics, its slice of the fused epilogue's tensors) and the double
+//   reference of the whole batch;
 // - the backward's error bounds (as backward_test.cpp derives them).
 // Used by sync_test.cpp, sliced_test.cpp and mpi/mpi_sync_test.cpp.
 #pragma once
@@ -365,23 +366,29 @@ inline std::vector<double> constant(std::size_t count, double value) {
 }
 
 // One process's tensors for a synchronized call: its slice of the batch (and
-// of grad_output), its own copies of the per-channel tensors, outputs filled
-// with a sentinel. options: training, the layout; the test sets all_reduce.
+// of grad_output, and of the fused epilogue's tensors), its own copies of the
+// per-channel tensors, outputs filled with a sentinel. options: training, the
+// layout, the activation; the test sets all_reduce.
 struct Participant {
     static constexpr double sentinel = 10000;  // exact in float16 too
 
     std::vector<int64_t> shape;
-    hbn::BatchNormOptions options;
+    hbn::BatchNormOptions options;  // but the epilogue's tensors, passed from the members below
     HostTensor x, output, running_mean, running_var, weight, bias, saved_mean, saved_inv_std;
     HostTensor dy, grad_input, grad_weight, grad_bias;
+    // The fused epilogue's, where it has them (else rank 0: none): the
+    // forward's residual, the backward's mask and grad_residual.
+    HostTensor residual, forward_output, grad_residual;
 
     void forward(Entry entry) {
+        hbn::BatchNormOptions o = options;
+        o.residual = residual.view();
         if (entry == Entry::BatchNorm) {
             hbn::batch_norm(x.view(), running_mean.view(), running_var.view(), weight.view(), bias.view(),
-                            output.view(), options);
+                            output.view(), o);
         } else {
             hbn::batch_norm_training(x.view(), running_mean.view(), running_var.view(), weight.view(), bias.view(),
-                                     output.view(), saved_mean.view(), saved_inv_std.view(), options);
+                                     output.view(), saved_mean.view(), saved_inv_std.view(), o);
         }
     }
 
@@ -389,6 +396,8 @@ struct Participant {
     void backward() {
         hbn::BatchNormOptions o = options;
         o.training = true;
+        o.forward_output = forward_output.view();
+        o.grad_residual = grad_residual.view();
         hbn::batch_norm_backward(dy.view(), x.view(), weight.view(), hbn::Tensor{}, hbn::Tensor{}, saved_mean.view(),
                                  saved_inv_std.view(), grad_input.view(), grad_weight.view(), grad_bias.view(), o);
     }
@@ -426,10 +435,12 @@ inline const char *committed_name(size_t i) {
 // leading axis N (in both layouts: NCHW (N, C, ...), NHWC (N, ..., C)), so
 // that process r holds images [first_image(r), first_image(r) + counts[r]),
 // a contiguous range of elements. Built the same on every process (same
-// seed), with grad_output for the backward.
+// seed), with grad_output for the backward, and the fused epilogue's tensors
+// when one is asked for (set_epilogue).
 struct SyncBatch {
-    BatchNormCase whole;  // training; its reference is the concatenated batch's
+    BatchNormCase whole;  // training, with the residual; its reference is the concatenated batch's
     HostTensor dy;
+    HostTensor forward_output;  // with ReLU: the backward's mask
     std::vector<int64_t> counts;
     hbn::DType x_dtype, param_dtype;
 
@@ -443,6 +454,23 @@ struct SyncBatch {
             throw std::logic_error("SyncBatch: the counts do not add up to N");
         }
         dy = HostTensor(x_dtype, shape, random_values(whole.x.size(), 0, 1, seed + 5));
+    }
+
+    // Asks for a fused epilogue, in both directions (before participant()):
+    // the forward adds whole's residual; with ReLU, the backward's mask is
+    // the forward's output on the concatenated batch, the reference's in x's
+    // dtype (exact zeros where the ReLU cut), so that the two directions
+    // chain.
+    void set_epilogue(Epilogue e) {
+        whole.set_epilogue(e);
+        forward_output = rectifies(e) ? HostTensor(x_dtype, whole.shape, forward_reference().output) : HostTensor{};
+    }
+    Epilogue epilogue() const { return whole.epilogue; }
+
+    // The gradient that reaches batch norm, which grad_residual receives: dy
+    // through the ReLU's mask.
+    std::vector<double> normalized_gradient() const {
+        return rectifies(epilogue()) ? reference_relu_gradient(dy.values(), forward_output.values()) : dy.values();
     }
 
     int processes() const { return static_cast<int>(counts.size()); }
@@ -481,22 +509,24 @@ struct SyncBatch {
         p.saved_inv_std = HostTensor(hbn::DType::Float32, {channels()}, constant(c, Participant::sentinel));
         p.grad_weight = HostTensor(param_dtype, {channels()}, constant(c, Participant::sentinel));
         p.grad_bias = HostTensor(param_dtype, {channels()}, constant(c, Participant::sentinel));
+        if (adds_residual(epilogue())) {
+            p.residual = HostTensor(x_dtype, p.shape, part(whole.residual.values(), r));
+            p.grad_residual = HostTensor(x_dtype, p.shape, constant(n, Participant::sentinel));
+        }
+        if (rectifies(epilogue())) {
+            p.forward_output = HostTensor(x_dtype, p.shape, part(forward_output.values(), r));
+        }
         return p;
     }
 
-    // The forward reference on the concatenated batch, with the options
-    // (momentum, eps) of `options`.
-    ReferenceResult forward_reference(const hbn::BatchNormOptions &options) const {
-        return reference_batch_norm(whole.x.values(), whole.shape, whole.layout, whole.running_mean.values(),
-                                    whole.running_var.values(), whole.weight.values(), whole.bias.values(), true,
-                                    options.momentum, options.eps);
-    }
-    ReferenceResult forward_reference() const { return forward_reference(whole.options); }
+    // The forward reference on the concatenated batch, with whole's options
+    // (momentum, eps) and epilogue.
+    ReferenceResult forward_reference() const { return whole.reference(); }
 
     // The training backward reference on the concatenated batch, with the
-    // given (hbn's saved) statistics.
+    // given (hbn's saved) statistics, through the epilogue's mask.
     ReferenceBackward backward_reference(const std::vector<double> &mean, const std::vector<double> &inv_std) const {
-        return reference_batch_norm_backward(dy.values(), whole.x.values(), whole.shape, whole.layout,
+        return reference_batch_norm_backward(normalized_gradient(), whole.x.values(), whole.shape, whole.layout,
                                              whole.weight.values(), mean, inv_std, true);
     }
 
@@ -505,7 +535,7 @@ struct SyncBatch {
     // reference is the slice's own, not used.)
     ReferenceBackward local_backward_reference(int r, const std::vector<double> &mean,
                                                const std::vector<double> &inv_std) const {
-        return reference_batch_norm_backward(part(dy.values(), r), part(whole.x.values(), r), shape_of(r),
+        return reference_batch_norm_backward(part(normalized_gradient(), r), part(whole.x.values(), r), shape_of(r),
                                              whole.layout, whole.weight.values(), mean, inv_std, true);
     }
 };

@@ -105,6 +105,28 @@ inline ReferenceResult reference_batch_norm(const std::vector<double> &x, const 
     return r;
 }
 
+// The fused epilogue, from its definition: relu(z + residual), each part
+// when asked for (`residual` empty: none), NaN kept NaN.
+inline std::vector<double> reference_epilogue(std::vector<double> z, const std::vector<double> &residual,
+                                              bool relu) {
+    for (size_t i = 0; i < z.size(); i++) {
+        const double sum = residual.empty() ? z[i] : z[i] + residual[i];
+        z[i] = relu && sum <= 0 ? 0 : sum;
+    }
+    return z;
+}
+
+// The gradient through y = relu(z) given y, as PyTorch's ReLU backward
+// forms it: dy where y > 0 or y is NaN, 0 where y <= 0.
+inline std::vector<double> reference_relu_gradient(std::vector<double> dy, const std::vector<double> &y) {
+    for (size_t i = 0; i < dy.size(); i++) {
+        if (y[i] <= 0) {
+            dy[i] = 0;
+        }
+    }
+    return dy;
+}
+
 struct ReferenceBackward {
     std::vector<double> grad_input, grad_weight, grad_bias;
     // For error bounds, the magnitudes the results are formed from: per

@@ -44,22 +44,26 @@ TEST(Semantics, DocumentedTrainingExample) {
     expect_close(t.running_var.values(), {0.29, 0.38}, 1e-7, "running_var");
 }
 
-// Every rank, layout, input dtype, parameter dtype and mode against the
-// reference. Sizes avoid multiples of the vector widths on purpose.
+// Every rank, layout, input dtype, parameter dtype, mode and fused epilogue
+// against the reference. Sizes avoid multiples of the vector widths on
+// purpose.
 class ReferenceMatrix : public ::testing::TestWithParam<MatrixParam> {};
 
 TEST_P(ReferenceMatrix, MatchesDoubleReference) {
     const auto &[layout, x_dtype, param_dtype, training] = GetParam();
     for (const std::vector<int64_t> &shape : matrix_shapes) {
-        BatchNormCase t(shape, layout, x_dtype, param_dtype, training, 7);
-        const ReferenceResult expected = t.reference();
-        t.run();
-        const std::string what = shape_name(shape) + " ";
-        expect_close(t.output.values(), expected.output, output_tolerance(x_dtype), what + "output");
-        expect_close(t.running_mean.values(), expected.running_mean, parameter_tolerance(param_dtype),
-                     what + "running_mean");
-        expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(param_dtype),
-                     what + "running_var");
+        for (Epilogue epilogue : all_epilogues) {
+            BatchNormCase t(shape, layout, x_dtype, param_dtype, training, 7);
+            t.set_epilogue(epilogue);
+            const ReferenceResult expected = t.reference();
+            t.run();
+            const std::string what = epilogue_name(epilogue) + shape_name(shape) + " ";
+            expect_close(t.output.values(), expected.output, output_tolerance(x_dtype), what + "output");
+            expect_close(t.running_mean.values(), expected.running_mean, parameter_tolerance(param_dtype),
+                         what + "running_mean");
+            expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(param_dtype),
+                         what + "running_var");
+        }
     }
 }
 
@@ -91,10 +95,66 @@ TEST(Semantics, OutputMayAliasInput) {
     }
 }
 
+// With a residual, output may be input_x or the residual itself.
+TEST(SemanticsEpilogue, OutputMayBeInputOrResidual) {
+    for (bool training : {false, true}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            for (DType dtype : all_dtypes) {
+                for (bool over_residual : {false, true}) {
+                    BatchNormCase t({4, 11, 9, 10}, layout, dtype, DType::Float32, training, 5);
+                    t.set_epilogue(Epilogue::AddReLU);
+                    const ReferenceResult expected = t.reference();
+                    HostTensor &output = over_residual ? t.residual : t.x;
+                    hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
+                                    t.bias.view(), output.view(), t.call_options());
+                    const std::string what = dtype_label(dtype) + (training ? " training " : " inference ") +
+                                             (layout == Layout::NCHW ? "NCHW " : "NHWC ") +
+                                             (over_residual ? "over the residual: " : "over input_x: ");
+                    expect_close(output.values(), expected.output, output_tolerance(dtype), what + "output");
+                    expect_close(t.running_var.values(), expected.running_var, 2e-6, what + "running_var");
+                }
+            }
+        }
+    }
+}
+
+// The epilogue keeps NaN where it is: relu(NaN) is NaN (a NaN in x still
+// spreads through its channel), and a NaN in the residual makes only its own
+// output NaN, not its channel's statistics.
+TEST(SemanticsEpilogue, NaNStaysWhereItIs) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (bool in_residual : {false, true}) {
+        for (DType dtype : all_dtypes) {
+            for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+                for (bool training : {false, true}) {
+                    BatchNormCase t({3, 6, 5, 5}, layout, dtype, DType::Float32, training, 17);
+                    t.set_epilogue(Epilogue::AddReLU);
+                    const Geometry g(t.shape, layout);
+                    (in_residual ? t.residual : t.x).set(g.offset(2, 7), nan);
+                    const ReferenceResult expected = t.reference();
+                    t.run();
+                    const std::string what = std::string(in_residual ? "NaN in the residual, " : "NaN in x, ") +
+                                             dtype_label(dtype) + (training ? " training " : " inference ") +
+                                             (layout == Layout::NCHW ? "NCHW: " : "NHWC: ");
+                    expect_close(t.output.values(), expected.output, output_tolerance(dtype), what + "output");
+                    expect_close(t.running_mean.values(), expected.running_mean, 2e-6, what + "running_mean");
+                    expect_close(t.running_var.values(), expected.running_var, 2e-6, what + "running_var");
+                }
+            }
+        }
+    }
+}
+
 // Outputs of 64 MiB and more take the CPU's streaming-store path (chunks
 // staged in cache, then stored non-temporally while the next chunk's input is
-// prefetched; training computes its statistics first), in place too.
+// prefetched; training computes its statistics first): plain, and with the
+// fused add + ReLU written in place over its residual (whose chunks the
+// path reads alongside input_x's).
 TEST(Semantics, LargeOutputsMatchReference) {
+#ifndef __SSE2__
+    GTEST_SKIP() << "streaming stores are x86's (runtime/streamed_output.cpp): here large outputs take the "
+                    "kernels' own path, which the sliced tests cover";
+#endif
     for (DType dtype : all_dtypes) {
         const int64_t batch = dtype == DType::Float32 ? 16 : 32;  // 67.8 MB in every dtype
         for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
@@ -102,17 +162,21 @@ TEST(Semantics, LargeOutputsMatchReference) {
                                                                       : std::vector<int64_t>{batch, 182, 182, 32};
             // One set of inputs per dtype and layout (making them is most of this test's time).
             BatchNormCase inputs(shape, layout, dtype, DType::Float32, false, 11);
+            inputs.set_epilogue(Epilogue::AddReLU);  // makes the residual, once
             ASSERT_GE(inputs.x.bytes().size(), size_t(64) << 20);
             for (bool training : {false, true}) {
-                inputs.options.training = training;
-                const ReferenceResult expected = inputs.reference();
-                for (bool in_place : {false, true}) {
+                for (Epilogue epilogue : {Epilogue::None, Epilogue::AddReLU}) {
                     BatchNormCase t = inputs;
-                    HostTensor &output = in_place ? t.x : t.output;
+                    t.options.training = training;
+                    t.set_epilogue(epilogue);
+                    const ReferenceResult expected = t.reference();
+                    const bool in_place = epilogue == Epilogue::AddReLU;
+                    HostTensor &output = in_place ? t.residual : t.output;
                     hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
-                                    t.bias.view(), output.view(), t.options);
+                                    t.bias.view(), output.view(), t.call_options());
                     const std::string what = dtype_label(dtype) + (training ? " training " : " inference ") +
-                                             (layout == Layout::NCHW ? "NCHW" : "NHWC") + (in_place ? " in place" : "");
+                                             (layout == Layout::NCHW ? "NCHW" : "NHWC") +
+                                             (in_place ? " add+relu in place" : "");
                     expect_close(output.values(), expected.output, output_tolerance(dtype), what + " output");
                     expect_close(t.running_var.values(), expected.running_var, 2e-6, what + " running_var");
                 }

@@ -2,10 +2,10 @@
 // merged as a synchronized batch norm merges processes'. The slice limit is
 // lowered (hbn::internal::set_slice_extent_limit) so that the sliced path
 // runs at small sizes: along n, channels and inner (NCHW), along rows and
-// channels (NHWC), in every entry point and mode, against the double
-// reference and against an unsliced call; the slices themselves cover the
-// view exactly once within the limit. LargeSliced.* runs real float16
-// tensors of more than 2^31 elements, only with HBN_TEST_LARGE=1.
+// channels (NHWC), in every entry point, mode and fused epilogue, against
+// the double reference and against an unsliced call; the slices themselves
+// cover the view exactly once within the limit. LargeSliced.* runs real
+// float16 tensors of more than 2^31 elements, only with HBN_TEST_LARGE=1.
 #include "fake_collective.h"
 
 #include "partition.h"
@@ -249,58 +249,67 @@ protected:
     DType dtype() const { return std::get<1>(GetParam()); }
 };
 
+// Each test runs every fused epilogue; the unsliced call is a copy of the
+// case made after set_epilogue, so both read the same residual (or mask).
 TEST_P(SlicedMatrix, InferenceMatchesReferenceAndUnsliced) {
-    BatchNormCase t(sliced().shape, sliced().layout, dtype(), DType::Float32, false, 7);
-    BatchNormCase unsliced = t;
-    const ReferenceResult expected = t.reference();
-    {
-        SliceLimit limit(sliced().limit);
-        ASSERT_TRUE(hbn::internal::needs_slices(view_of(sliced().shape, sliced().layout)));
-        t.run();
+    for (Epilogue epilogue : all_epilogues) {
+        const std::string what = epilogue_name(epilogue);
+        BatchNormCase t(sliced().shape, sliced().layout, dtype(), DType::Float32, false, 7);
+        t.set_epilogue(epilogue);
+        BatchNormCase unsliced = t;
+        const ReferenceResult expected = t.reference();
+        {
+            SliceLimit limit(sliced().limit);
+            ASSERT_TRUE(hbn::internal::needs_slices(view_of(sliced().shape, sliced().layout)));
+            t.run();
+        }
+        unsliced.run();
+        expect_close(t.output.values(), expected.output, output_tolerance(dtype()), what + "output");
+        expect_close(t.output.values(), unsliced.output.values(), tight(dtype()), what + "output vs unsliced");
+        EXPECT_EQ(t.running_mean.bytes(), unsliced.running_mean.bytes()) << what << "inference wrote running_mean";
+        EXPECT_EQ(t.running_var.bytes(), unsliced.running_var.bytes()) << what << "inference wrote running_var";
     }
-    unsliced.run();
-    expect_close(t.output.values(), expected.output, output_tolerance(dtype()), "output");
-    expect_close(t.output.values(), unsliced.output.values(), tight(dtype()), "output vs unsliced");
-    EXPECT_EQ(t.running_mean.bytes(), unsliced.running_mean.bytes()) << "inference wrote running_mean";
-    EXPECT_EQ(t.running_var.bytes(), unsliced.running_var.bytes()) << "inference wrote running_var";
 }
 
 TEST_P(SlicedMatrix, TrainingMatchesReferenceAndUnsliced) {
     for (Entry entry : {Entry::BatchNorm, Entry::BatchNormTraining}) {
-        const std::string what = std::string(entry_name(entry)) + " ";
-        BatchNormCase t(sliced().shape, sliced().layout, dtype(), DType::Float32, true, 9);
-        BatchNormCase unsliced = t;
-        const ReferenceResult expected = t.reference();
-        BatchNormCase::SavedStatistics saved, unsliced_saved;
-        const auto run = [entry](BatchNormCase &c, BatchNormCase::SavedStatistics &s) {
-            if (entry == Entry::BatchNorm) {
-                c.run();
-            } else {
-                s = c.run_training();
+        for (Epilogue epilogue : all_epilogues) {
+            const std::string what = epilogue_name(epilogue) + entry_name(entry) + " ";
+            BatchNormCase t(sliced().shape, sliced().layout, dtype(), DType::Float32, true, 9);
+            t.set_epilogue(epilogue);
+            BatchNormCase unsliced = t;
+            const ReferenceResult expected = t.reference();
+            BatchNormCase::SavedStatistics saved, unsliced_saved;
+            const auto run = [entry](BatchNormCase &c, BatchNormCase::SavedStatistics &s) {
+                if (entry == Entry::BatchNorm) {
+                    c.run();
+                } else {
+                    s = c.run_training();
+                }
+            };
+            {
+                SliceLimit limit(sliced().limit);
+                run(t, saved);
             }
-        };
-        {
-            SliceLimit limit(sliced().limit);
-            run(t, saved);
-        }
-        run(unsliced, unsliced_saved);
-        expect_close(t.output.values(), expected.output, output_tolerance(dtype()), what + "output");
-        expect_close(t.running_mean.values(), expected.running_mean, parameter_tolerance(DType::Float32),
-                     what + "running_mean");
-        expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(DType::Float32),
-                     what + "running_var");
-        expect_close(t.output.values(), unsliced.output.values(), tight(dtype()), what + "output vs unsliced");
-        expect_close(t.running_mean.values(), unsliced.running_mean.values(), tight(DType::Float32),
-                     what + "running_mean vs unsliced");
-        expect_close(t.running_var.values(), unsliced.running_var.values(), tight(DType::Float32),
-                     what + "running_var vs unsliced");
-        if (entry == Entry::BatchNormTraining) {
-            expect_close(saved.mean.values(), expected.batch_mean, 1e-6, what + "saved_mean");
-            expect_close(saved.inv_std.values(), expected.inv_std, 2e-6, what + "saved_inv_std");
-            expect_close(saved.mean.values(), unsliced_saved.mean.values(), tight(DType::Float32),
-                         what + "saved_mean vs unsliced");
-            expect_close(saved.inv_std.values(), unsliced_saved.inv_std.values(), tight(DType::Float32),
-                         what + "saved_inv_std vs unsliced");
+            run(unsliced, unsliced_saved);
+            expect_close(t.output.values(), expected.output, output_tolerance(dtype()), what + "output");
+            expect_close(t.running_mean.values(), expected.running_mean, parameter_tolerance(DType::Float32),
+                         what + "running_mean");
+            expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(DType::Float32),
+                         what + "running_var");
+            expect_close(t.output.values(), unsliced.output.values(), tight(dtype()), what + "output vs unsliced");
+            expect_close(t.running_mean.values(), unsliced.running_mean.values(), tight(DType::Float32),
+                         what + "running_mean vs unsliced");
+            expect_close(t.running_var.values(), unsliced.running_var.values(), tight(DType::Float32),
+                         what + "running_var vs unsliced");
+            if (entry == Entry::BatchNormTraining) {
+                expect_close(saved.mean.values(), expected.batch_mean, 1e-6, what + "saved_mean");
+                expect_close(saved.inv_std.values(), expected.inv_std, 2e-6, what + "saved_inv_std");
+                expect_close(saved.mean.values(), unsliced_saved.mean.values(), tight(DType::Float32),
+                             what + "saved_mean vs unsliced");
+                expect_close(saved.inv_std.values(), unsliced_saved.inv_std.values(), tight(DType::Float32),
+                             what + "saved_inv_std vs unsliced");
+            }
         }
     }
 }
@@ -318,58 +327,86 @@ std::vector<double> tight_bounds(const std::vector<double> &expected, const std:
 
 TEST_P(SlicedMatrix, BackwardMatchesReferenceAndUnsliced) {
     for (bool training : {false, true}) {
-        const std::string what = training ? "training " : "inference ";
-        // Built (the forward's saved statistics) unsliced: both calls get the
-        // same inputs.
-        BackwardCase t(sliced().shape, sliced().layout, dtype(), DType::Float32, training, 13);
-        BackwardCase unsliced = t;
-        const ReferenceBackward expected = t.reference();
-        {
-            SliceLimit limit(sliced().limit);
-            t.run();
+        for (Epilogue epilogue : all_epilogues) {
+            const std::string what = std::string(training ? "training " : "inference ") + epilogue_name(epilogue);
+            // Built (the forward's saved statistics) unsliced: both calls get the
+            // same inputs.
+            BackwardCase t(sliced().shape, sliced().layout, dtype(), DType::Float32, training, 13);
+            t.set_epilogue(epilogue);
+            BackwardCase unsliced = t;
+            const ReferenceBackward expected = t.reference();
+            {
+                SliceLimit limit(sliced().limit);
+                t.run();
+            }
+            unsliced.run();
+            expect_within(t.grad_input.values(), expected.grad_input, grad_input_bounds(expected, dtype()),
+                          what + "grad_input");
+            expect_within(t.grad_weight.values(), expected.grad_weight, grad_weight_bounds(expected, DType::Float32),
+                          what + "grad_weight");
+            expect_within(t.grad_bias.values(), expected.grad_bias, grad_bias_bounds(expected, DType::Float32),
+                          what + "grad_bias");
+            t.expect_grad_residual(what);
+            expect_within(t.grad_input.values(), unsliced.grad_input.values(),
+                          tight_bounds(unsliced.grad_input.values(), expected.grad_input_terms, dtype()),
+                          what + "grad_input vs unsliced");
+            expect_within(t.grad_weight.values(), unsliced.grad_weight.values(),
+                          tight_bounds(unsliced.grad_weight.values(), expected.grad_weight_terms, DType::Float32),
+                          what + "grad_weight vs unsliced");
+            expect_within(t.grad_bias.values(), unsliced.grad_bias.values(),
+                          tight_bounds(unsliced.grad_bias.values(), expected.grad_bias_terms, DType::Float32),
+                          what + "grad_bias vs unsliced");
         }
-        unsliced.run();
-        expect_within(t.grad_input.values(), expected.grad_input, grad_input_bounds(expected, dtype()),
-                      what + "grad_input");
-        expect_within(t.grad_weight.values(), expected.grad_weight, grad_weight_bounds(expected, DType::Float32),
-                      what + "grad_weight");
-        expect_within(t.grad_bias.values(), expected.grad_bias, grad_bias_bounds(expected, DType::Float32),
-                      what + "grad_bias");
-        expect_within(t.grad_input.values(), unsliced.grad_input.values(),
-                      tight_bounds(unsliced.grad_input.values(), expected.grad_input_terms, dtype()),
-                      what + "grad_input vs unsliced");
-        expect_within(t.grad_weight.values(), unsliced.grad_weight.values(),
-                      tight_bounds(unsliced.grad_weight.values(), expected.grad_weight_terms, DType::Float32),
-                      what + "grad_weight vs unsliced");
-        expect_within(t.grad_bias.values(), unsliced.grad_bias.values(),
-                      tight_bounds(unsliced.grad_bias.values(), expected.grad_bias_terms, DType::Float32),
-                      what + "grad_bias vs unsliced");
     }
 }
 
-// In place across slices: output is input_x, grad_input is grad_output.
+// In place across slices: output over input_x, and, with a residual, over
+// the residual; grad_input over grad_output, or, with a residual,
+// grad_residual over grad_output (grad_input may not be grad_output then:
+// ValueError, as grad_residual's pass reads grad_output).
 TEST_P(SlicedMatrix, InPlaceMatchesReference) {
     for (bool training : {false, true}) {
-        const std::string what = training ? "training " : "inference ";
-        BatchNormCase t(sliced().shape, sliced().layout, dtype(), DType::Float32, training, 15);
-        const ReferenceResult expected = t.reference();
-        BackwardCase b(sliced().shape, sliced().layout, dtype(), DType::Float32, training, 17);
-        const ReferenceBackward backward_expected = b.reference();
-        {
-            SliceLimit limit(sliced().limit);
-            hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(), t.bias.view(),
-                            t.x.view(), t.options);
+        for (Epilogue epilogue : all_epilogues) {
+            const std::string what = std::string(training ? "training " : "inference ") + epilogue_name(epilogue);
+            for (bool over_residual : {false, true}) {
+                if (over_residual && !adds_residual(epilogue)) {
+                    continue;
+                }
+                BatchNormCase t(sliced().shape, sliced().layout, dtype(), DType::Float32, training, 15);
+                t.set_epilogue(epilogue);
+                const ReferenceResult expected = t.reference();
+                HostTensor &output = over_residual ? t.residual : t.x;
+                {
+                    SliceLimit limit(sliced().limit);
+                    hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
+                                    t.bias.view(), output.view(), t.call_options());
+                }
+                const std::string where = what + (over_residual ? "over the residual: " : "over input_x: ");
+                expect_close(output.values(), expected.output, output_tolerance(dtype()), where + "in-place output");
+                expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(DType::Float32),
+                             where + "running_var");
+            }
+            BackwardCase b(sliced().shape, sliced().layout, dtype(), DType::Float32, training, 17);
+            b.set_epilogue(epilogue);
+            const ReferenceBackward backward_expected = b.reference();
+            const std::vector<double> expected_dz = b.normalized_gradient();
             BackwardCase::Views v = b.views();
-            v.grad_input = v.grad_output;
-            b.call(v);
+            const bool residual_in_place = adds_residual(epilogue);
+            (residual_in_place ? v.grad_residual : v.grad_input) = v.grad_output;
+            {
+                SliceLimit limit(sliced().limit);
+                b.call(v);
+            }
+            const HostTensor &grad_input = residual_in_place ? b.grad_input : b.dy;
+            expect_within(grad_input.values(), backward_expected.grad_input,
+                          grad_input_bounds(backward_expected, dtype()),
+                          what + (residual_in_place ? "grad_input" : "in-place grad_input"));
+            expect_within(b.grad_weight.values(), backward_expected.grad_weight,
+                          grad_weight_bounds(backward_expected, DType::Float32), what + "grad_weight");
+            if (residual_in_place) {
+                expect_close(b.dy.values(), expected_dz, 0, what + "in-place grad_residual");
+            }
         }
-        expect_close(t.x.values(), expected.output, output_tolerance(dtype()), what + "in-place output");
-        expect_close(t.running_var.values(), expected.running_var, parameter_tolerance(DType::Float32),
-                     what + "running_var");
-        expect_within(b.dy.values(), backward_expected.grad_input, grad_input_bounds(backward_expected, dtype()),
-                      what + "in-place grad_input");
-        expect_within(b.grad_weight.values(), backward_expected.grad_weight,
-                      grad_weight_bounds(backward_expected, DType::Float32), what + "grad_weight");
     }
 }
 
@@ -378,8 +415,9 @@ INSTANTIATE_TEST_SUITE_P(Sliced, SlicedMatrix,
                                             ::testing::ValuesIn(all_dtypes)),
                          sliced_name);
 
-// Sliced and synchronized at once: each participant merges its slices, and
-// the collectives are the same four and three as unsliced.
+// Sliced and synchronized at once, plain and through add+ReLU: each
+// participant merges its slices, and the collectives are the same four and
+// three as unsliced.
 TEST(SlicedSync, MatchesConcatenatedBatchReference) {
     struct Case {
         std::vector<int64_t> shape;
@@ -390,50 +428,62 @@ TEST(SlicedSync, MatchesConcatenatedBatchReference) {
     for (const Case &c : {Case{{5, 3, 4, 4}, Layout::NCHW, {2, 3}, 16}, Case{{5, 3, 4, 4}, Layout::NCHW, {2, 0, 3}, 7},
                           Case{{5, 3, 4, 6}, Layout::NHWC, {2, 0, 3}, 7}, Case{{4, 2, 9}, Layout::NHWC, {1, 3}, 5}}) {
         for (DType dtype : all_dtypes) {
-            const std::string what = shape_name(c.shape) + (c.layout == Layout::NCHW ? " NCHW" : " NHWC") +
-                                     " x" + dtype_tag(dtype) + ", limit " +
-                                     std::to_string(c.limit) + ": ";
-            const SyncBatch batch(c.shape, c.layout, dtype, DType::Float32, c.split, 19);
-            FakeGroup group(batch.processes());
-            std::vector<Participant> parts;
-            for (int r = 0; r < batch.processes(); r++) {
-                parts.push_back(batch.participant(r));
-                parts.back().options.all_reduce = group.hook(r);
-            }
-            std::vector<Outcome> forward(parts.size()), backward(parts.size());
-            {
-                SliceLimit limit(c.limit);  // set before the threads start: not thread-safe
-                run_participants(group, [&](int r) {
-                    forward[r] = capture([&] { parts[r].forward(Entry::BatchNormTraining); });
-                    backward[r] = capture([&] { parts[r].backward(); });
-                });
-            }
-            for (int r = 0; r < batch.processes(); r++) {
-                EXPECT_TRUE(forward[r].ok()) << what << "participant " << r << " forward: " << describe(forward[r]);
-                EXPECT_TRUE(backward[r].ok()) << what << "participant " << r << " backward: " << describe(backward[r]);
-            }
-            expect_collectives(group, joined(forward_collectives(batch.channels()), backward_collectives(batch.channels())),
-                               what);
-            const ReferenceResult expected = batch.forward_reference();
-            const std::vector<double> mean = parts[0].saved_mean.values(), inv_std = parts[0].saved_inv_std.values();
-            expect_close(mean, expected.batch_mean, 1e-6, what + "saved_mean");
-            expect_close(inv_std, expected.inv_std, 2e-6, what + "saved_inv_std");
-            const ReferenceBackward backward_expected = batch.backward_reference(mean, inv_std);
-            const std::vector<double> bounds = grad_input_bounds(backward_expected, dtype);
-            for (int r = 0; r < batch.processes(); r++) {
-                const std::string who = what + "participant " + std::to_string(r) + " ";
-                EXPECT_EQ(parts[r].saved_inv_std.bytes(), parts[0].saved_inv_std.bytes()) << who << "saved_inv_std";
-                EXPECT_EQ(parts[r].running_var.bytes(), parts[0].running_var.bytes()) << who << "running_var";
-                expect_close(parts[r].output.values(), batch.part(expected.output, r), output_tolerance(dtype),
-                             who + "output");
-                expect_close(parts[r].running_var.values(), expected.running_var, 2e-6, who + "running_var");
-                expect_within(parts[r].grad_input.values(), batch.part(backward_expected.grad_input, r),
-                              batch.part(bounds, r), who + "grad_input");
-                const ReferenceBackward local = batch.local_backward_reference(r, mean, inv_std);
-                expect_within(parts[r].grad_weight.values(), local.grad_weight,
-                              grad_weight_bounds(local, DType::Float32), who + "grad_weight");
-                expect_within(parts[r].grad_bias.values(), local.grad_bias, grad_bias_bounds(local, DType::Float32),
-                              who + "grad_bias");
+            // add+ReLU: every tensor of the fused epilogue in slices at once.
+            for (Epilogue epilogue : {Epilogue::None, Epilogue::AddReLU}) {
+                const std::string what = epilogue_name(epilogue) + shape_name(c.shape) +
+                                         (c.layout == Layout::NCHW ? " NCHW" : " NHWC") + " x" + dtype_tag(dtype) +
+                                         ", limit " + std::to_string(c.limit) + ": ";
+                SyncBatch batch(c.shape, c.layout, dtype, DType::Float32, c.split, 19);
+                batch.set_epilogue(epilogue);
+                FakeGroup group(batch.processes());
+                std::vector<Participant> parts;
+                for (int r = 0; r < batch.processes(); r++) {
+                    parts.push_back(batch.participant(r));
+                    parts.back().options.all_reduce = group.hook(r);
+                }
+                std::vector<Outcome> forward(parts.size()), backward(parts.size());
+                {
+                    SliceLimit limit(c.limit);  // set before the threads start: not thread-safe
+                    run_participants(group, [&](int r) {
+                        forward[r] = capture([&] { parts[r].forward(Entry::BatchNormTraining); });
+                        backward[r] = capture([&] { parts[r].backward(); });
+                    });
+                }
+                for (int r = 0; r < batch.processes(); r++) {
+                    EXPECT_TRUE(forward[r].ok()) << what << "participant " << r << " forward: "
+                                                 << describe(forward[r]);
+                    EXPECT_TRUE(backward[r].ok()) << what << "participant " << r << " backward: "
+                                                  << describe(backward[r]);
+                }
+                const int64_t channels = batch.channels();
+                expect_collectives(group, joined(forward_collectives(channels), backward_collectives(channels)), what);
+                const ReferenceResult expected = batch.forward_reference();
+                const std::vector<double> mean = parts[0].saved_mean.values(),
+                                          inv_std = parts[0].saved_inv_std.values();
+                expect_close(mean, expected.batch_mean, 1e-6, what + "saved_mean");
+                expect_close(inv_std, expected.inv_std, 2e-6, what + "saved_inv_std");
+                const ReferenceBackward backward_expected = batch.backward_reference(mean, inv_std);
+                const std::vector<double> bounds = grad_input_bounds(backward_expected, dtype);
+                const std::vector<double> expected_dz = batch.normalized_gradient();
+                for (int r = 0; r < batch.processes(); r++) {
+                    const std::string who = what + "participant " + std::to_string(r) + " ";
+                    EXPECT_EQ(parts[r].saved_inv_std.bytes(), parts[0].saved_inv_std.bytes()) << who << "saved_inv_std";
+                    EXPECT_EQ(parts[r].running_var.bytes(), parts[0].running_var.bytes()) << who << "running_var";
+                    expect_close(parts[r].output.values(), batch.part(expected.output, r), output_tolerance(dtype),
+                                 who + "output");
+                    expect_close(parts[r].running_var.values(), expected.running_var, 2e-6, who + "running_var");
+                    expect_within(parts[r].grad_input.values(), batch.part(backward_expected.grad_input, r),
+                                  batch.part(bounds, r), who + "grad_input");
+                    if (adds_residual(epilogue)) {
+                        expect_close(parts[r].grad_residual.values(), batch.part(expected_dz, r), 0,
+                                     who + "grad_residual");
+                    }
+                    const ReferenceBackward local = batch.local_backward_reference(r, mean, inv_std);
+                    expect_within(parts[r].grad_weight.values(), local.grad_weight,
+                                  grad_weight_bounds(local, DType::Float32), who + "grad_weight");
+                    expect_within(parts[r].grad_bias.values(), local.grad_bias, grad_bias_bounds(local, DType::Float32),
+                                  who + "grad_bias");
+                }
             }
         }
     }

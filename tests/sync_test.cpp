@@ -1,9 +1,11 @@
 // Synchronized batch norm (BatchNormOptions::all_reduce) through an
 // in-process fake collective: P threads, each a "process" with its own slice
 // of a global batch (split along N) and its own running statistics, against
-// the double reference of the concatenated batch. The collectives' number and
-// sizes (only C and the direction decide them), inference ignoring the hook,
-// and failures: every participant throws, none hangs, none commits.
+// the double reference of the concatenated batch, through the fused epilogues
+// too (each process with its slice of the residual, the forward's output and
+// grad_residual). The collectives' number and sizes (only C and the direction
+// decide them), inference ignoring the hook, and failures: every participant
+// throws, none hangs, none commits.
 #include "fake_collective.h"
 
 #include <atomic>
@@ -52,6 +54,17 @@ std::vector<DTypes> dtypes_for(const SplitCase &c) {
         }
     }
     return d;
+}
+
+// The fused epilogues a dtype pair runs with, in both directions: none and
+// add + ReLU (every tensor of the epilogue at once) with every pair, ReLU
+// alone and the add alone with float32 only (the dtypes' rounding of the
+// epilogue is the unsynchronized tests' business; here it is the slicing).
+std::vector<Epilogue> epilogues_for(DTypes d) {
+    if (d.x == DType::Float32 && d.param == DType::Float32) {
+        return all_epilogues;
+    }
+    return {Epilogue::None, Epilogue::AddReLU};
 }
 
 std::string label(const SplitCase &c, DTypes d, size_t p) {
@@ -119,9 +132,12 @@ TEST(SyncForward, MatchesConcatenatedBatchReference) {
     for (const SplitCase &c : split_cases()) {
         for (DTypes d : dtypes_for(c)) {
             for (size_t p = 1; p <= c.splits.size(); p++) {
-                for (Entry entry : {Entry::BatchNorm, Entry::BatchNormTraining}) {
-                    const SyncBatch batch(c.shape, c.layout, d.x, d.param, c.splits[p - 1], 7);
-                    check_forward(batch, entry, label(c, d, p) + entry_name(entry) + " ");
+                for (Epilogue epilogue : epilogues_for(d)) {
+                    for (Entry entry : {Entry::BatchNorm, Entry::BatchNormTraining}) {
+                        SyncBatch batch(c.shape, c.layout, d.x, d.param, c.splits[p - 1], 7);
+                        batch.set_epilogue(epilogue);
+                        check_forward(batch, entry, label(c, d, p) + epilogue_name(epilogue) + entry_name(entry) + " ");
+                    }
                 }
             }
         }
@@ -174,7 +190,8 @@ void train_step(FakeGroup &group, std::vector<Participant> &parts, const std::st
 // batch_norm_training on every participant, then the training backward:
 // grad_input is the whole batch's (its slice of it), grad_weight and
 // grad_bias the participant's own sums with the global statistics, adding up
-// to the whole batch's.
+// to the whole batch's; through an epilogue with a residual, grad_residual is
+// exactly its slice of the masked grad_output.
 void check_backward(const SyncBatch &batch, const std::string &what) {
     FakeGroup group(batch.processes());
     std::vector<Participant> parts = participants_of(batch, group);
@@ -189,12 +206,16 @@ void check_backward(const SyncBatch &batch, const std::string &what) {
     expect_close(inv_std, forward_expected.inv_std, 2e-6, what + "saved_inv_std");
     const ReferenceBackward expected = batch.backward_reference(mean, inv_std);
     const std::vector<double> input_bounds = grad_input_bounds(expected, batch.x_dtype);
+    const std::vector<double> expected_dz = batch.normalized_gradient();
     std::vector<double> weight_sum(channels, 0.0), bias_sum(channels, 0.0), weight_bound(channels, 0.0),
         bias_bound(channels, 0.0);
     for (int r = 0; r < batch.processes(); r++) {
         const std::string who = what + "participant " + std::to_string(r) + " ";
         expect_within(parts[r].grad_input.values(), batch.part(expected.grad_input, r), batch.part(input_bounds, r),
                       who + "grad_input");
+        if (adds_residual(batch.epilogue())) {
+            expect_close(parts[r].grad_residual.values(), batch.part(expected_dz, r), 0, who + "grad_residual");
+        }
         const ReferenceBackward local = batch.local_backward_reference(r, mean, inv_std);
         const std::vector<double> wb = grad_weight_bounds(local, batch.param_dtype),
                                   bb = grad_bias_bounds(local, batch.param_dtype);
@@ -219,8 +240,11 @@ TEST(SyncBackward, GradInputIsWholeBatchsAndParameterGradientsOwn) {
     for (const SplitCase &c : split_cases()) {
         for (DTypes d : dtypes_for(c)) {
             for (size_t p = 1; p <= c.splits.size(); p++) {
-                const SyncBatch batch(c.shape, c.layout, d.x, d.param, c.splits[p - 1], 11);
-                check_backward(batch, label(c, d, p));
+                for (Epilogue epilogue : epilogues_for(d)) {
+                    SyncBatch batch(c.shape, c.layout, d.x, d.param, c.splits[p - 1], 11);
+                    batch.set_epilogue(epilogue);
+                    check_backward(batch, label(c, d, p) + epilogue_name(epilogue));
+                }
             }
         }
     }

@@ -101,11 +101,28 @@ inline std::string shape_name(const std::vector<int64_t> &shape) {
     return s;
 }
 
+// The fused epilogues a case can ask for: options.activation, and a
+// residual or not.
+enum class Epilogue { None, ReLU, Add, AddReLU };
+inline const std::vector<Epilogue> all_epilogues = {Epilogue::None, Epilogue::ReLU, Epilogue::Add, Epilogue::AddReLU};
+inline bool adds_residual(Epilogue e) {
+    return e == Epilogue::Add || e == Epilogue::AddReLU;
+}
+inline bool rectifies(Epilogue e) {
+    return e == Epilogue::ReLU || e == Epilogue::AddReLU;
+}
+inline std::string epilogue_name(Epilogue e) {
+    const char *names[] = {"", "relu ", "add ", "add+relu "};
+    return names[static_cast<int>(e)];
+}
+
 struct BatchNormCase {
     std::vector<int64_t> shape;
     hbn::Layout layout = hbn::Layout::NCHW;
-    hbn::BatchNormOptions options;
+    hbn::BatchNormOptions options;  // but residual: see call_options()
     HostTensor x, output, running_mean, running_var, weight, bias;
+    Epilogue epilogue = Epilogue::None;
+    HostTensor residual;  // when the epilogue adds one
 
     // Random inputs: x ~ N(mean, spread) per element; positive running_var.
     BatchNormCase(std::vector<int64_t> shape_, hbn::Layout layout_, hbn::DType x_dtype,
@@ -129,16 +146,38 @@ struct BatchNormCase {
         bias = HostTensor(param_dtype, {g.channels}, random_values(channels, 0, 0.5, seed + 4));
     }
 
+    // Asks for a fused epilogue. A residual is random, of x's dtype and
+    // shape, of the normalized output's size, so that the ReLU cuts a share
+    // of the sums; one made already is kept.
+    void set_epilogue(Epilogue e, uint32_t seed = 31) {
+        epilogue = e;
+        options.activation = rectifies(e) ? hbn::Activation::ReLU : hbn::Activation::None;
+        if (adds_residual(e) && residual.size() != x.size()) {
+            residual = HostTensor(x.view().dtype, shape, random_values(x.size(), 0.2, 1.5, seed));
+        }
+    }
+
+    // options, with the residual's view (taken here: the case may have moved).
+    hbn::BatchNormOptions call_options() {
+        hbn::BatchNormOptions o = options;
+        o.residual = adds_residual(epilogue) ? residual.view() : hbn::Tensor{};
+        return o;
+    }
+
     // The reference on the inputs as they are now (call before run()).
     ReferenceResult reference() const {
-        return reference_batch_norm(x.values(), shape, layout, running_mean.values(), running_var.values(),
-                                    weight.values(), bias.values(), options.training, options.momentum,
-                                    options.eps);
+        ReferenceResult r = reference_batch_norm(x.values(), shape, layout, running_mean.values(),
+                                                 running_var.values(), weight.values(), bias.values(),
+                                                 options.training, options.momentum, options.eps);
+        r.output = reference_epilogue(std::move(r.output), adds_residual(epilogue) ? residual.values()
+                                                                                   : std::vector<double>{},
+                                      rectifies(epilogue));
+        return r;
     }
 
     void run() {
         hbn::batch_norm(x.view(), running_mean.view(), running_var.view(), weight.view(), bias.view(),
-                        output.view(), options);
+                        output.view(), call_options());
     }
 
     // batch_norm_training, which also returns the batch statistics.
@@ -150,7 +189,7 @@ struct BatchNormCase {
         SavedStatistics saved{HostTensor(hbn::DType::Float32, {channels}, std::vector<double>(channels, 0)),
                               HostTensor(hbn::DType::Float32, {channels}, std::vector<double>(channels, 0))};
         hbn::batch_norm_training(x.view(), running_mean.view(), running_var.view(), weight.view(), bias.view(),
-                                 output.view(), saved.mean.view(), saved.inv_std.view(), options);
+                                 output.view(), saved.mean.view(), saved.inv_std.view(), call_options());
         return saved;
     }
 };
@@ -164,6 +203,9 @@ struct BackwardCase {
     BatchNormCase forward;
     HostTensor dy, grad_input, grad_weight, grad_bias;
     BatchNormCase::SavedStatistics saved;
+    // Through a fused forward: the forward's output (the ReLU's mask) and
+    // grad_residual, when the epilogue has them.
+    HostTensor forward_output, grad_residual;
 
     BackwardCase(std::vector<int64_t> shape, hbn::Layout layout, hbn::DType x_dtype, hbn::DType param_dtype,
                  bool training, uint32_t seed = 1, double x_mean = 0.5, double x_spread = 2.0)
@@ -184,6 +226,30 @@ struct BackwardCase {
     }
 
     bool training() const { return forward.options.training; }
+    Epilogue epilogue() const { return forward.epilogue; }
+
+    // The backward through a fused forward. With ReLU, forward_output is
+    // random with a share of exact zeros and -0 (the mask's edge) and
+    // negatives, unless given (a forward's own output).
+    void set_epilogue(Epilogue e, uint32_t seed = 37) {
+        forward.options.activation = rectifies(e) ? hbn::Activation::ReLU : hbn::Activation::None;
+        forward.epilogue = e;
+        if (rectifies(e)) {
+            std::vector<double> y = random_values(dy.size(), 0.3, 1, seed);
+            for (size_t i = 0; i < y.size(); i += 5) {
+                y[i] = i % 10 == 0 ? 0.0 : -0.0;
+            }
+            forward_output = HostTensor(dy.view().dtype, forward.shape, y);
+        }
+        if (adds_residual(e)) {
+            grad_residual = HostTensor(dy.view().dtype, forward.shape, std::vector<double>(dy.size(), sentinel));
+        }
+    }
+
+    // The gradient that reaches batch norm: dy through the ReLU's mask.
+    std::vector<double> normalized_gradient() const {
+        return rectifies(epilogue()) ? reference_relu_gradient(dy.values(), forward_output.values()) : dy.values();
+    }
 
     // The statistics the mode uses, as hbn reads them.
     std::vector<double> mean() const { return training() ? saved.mean.values() : forward.running_mean.values(); }
@@ -200,13 +266,14 @@ struct BackwardCase {
 
     // The reference on the inputs as they are now (call before run()).
     ReferenceBackward reference() const {
-        return reference_batch_norm_backward(dy.values(), forward.x.values(), forward.shape, forward.layout,
-                                             forward.weight.values(), mean(), inv_std(), training());
+        return reference_batch_norm_backward(normalized_gradient(), forward.x.values(), forward.shape,
+                                             forward.layout, forward.weight.values(), mean(), inv_std(), training());
     }
 
+    // The call's tensors; the epilogue's go into its options.
     struct Views {
         hbn::Tensor grad_output, input_x, weight, running_mean, running_var, saved_mean, saved_inv_std, grad_input,
-            grad_weight, grad_bias;
+            grad_weight, grad_bias, forward_output, grad_residual;
     };
     Views views() {
         return {dy.view(),
@@ -218,13 +285,33 @@ struct BackwardCase {
                 saved.inv_std.view(),
                 grad_input.view(),
                 grad_weight.view(),
-                grad_bias.view()};
+                grad_bias.view(),
+                rectifies(epilogue()) ? forward_output.view() : hbn::Tensor{},
+                adds_residual(epilogue()) ? grad_residual.view() : hbn::Tensor{}};
     }
     void call(const Views &v) const {
+        hbn::BatchNormOptions options = forward.options;
+        options.forward_output = v.forward_output;
+        options.grad_residual = v.grad_residual;
         hbn::batch_norm_backward(v.grad_output, v.input_x, v.weight, v.running_mean, v.running_var, v.saved_mean,
-                                 v.saved_inv_std, v.grad_input, v.grad_weight, v.grad_bias, forward.options);
+                                 v.saved_inv_std, v.grad_input, v.grad_weight, v.grad_bias, options);
     }
     void run() { call(views()); }
+
+    // grad_residual is the masked dy itself: exact. Call after run().
+    void expect_grad_residual(const std::string &what) const {
+        if (adds_residual(epilogue())) {
+            const std::vector<double> expected = normalized_gradient();
+            const std::vector<double> actual = grad_residual.values();
+            ASSERT_EQ(actual.size(), expected.size()) << what;
+            size_t mismatches = 0;
+            for (size_t i = 0; i < actual.size(); i++) {
+                mismatches += !(actual[i] == expected[i] || (std::isnan(actual[i]) && std::isnan(expected[i])));
+            }
+            EXPECT_EQ(mismatches, 0u) << what << "grad_residual: " << mismatches << " of " << actual.size()
+                                      << " differ from the masked grad_output";
+        }
+    }
 };
 
 // Reference values as a tensor of `dtype` stores them (an overflow becomes

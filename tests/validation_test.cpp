@@ -235,6 +235,43 @@ INSTANTIATE_TEST_SUITE_P(
                     hbn::batch_norm_training(t.x.view(), t.running_mean.view(), t.running_var.view(),
                                              t.weight.view(), t.bias.view(), t.output.view(), saved.view(),
                                              saved.view(), t.options);
+                }},
+        // The fused epilogue's activation and residual.
+        BadCall{"activation_unknown", ErrorKind::ValueError, "options.activation", true,
+                [](auto &t) { t.options.activation = static_cast<hbn::Activation>(2); }},
+        BadCall{"residual_dtype", ErrorKind::TypeError, "options.residual", true,
+                [](auto &t) {
+                    t.set_epilogue(Epilogue::AddReLU);
+                    t.residual = with_dtype(t.residual, DType::BFloat16, {4, 3, 5});
+                }},
+        BadCall{"residual_shape", ErrorKind::ValueError, "options.residual", false,
+                [](auto &t) {
+                    t.set_epilogue(Epilogue::Add);
+                    t.residual = with_dtype(t.residual, DType::Float32, {4, 5, 3});
+                }},
+        BadCall{"residual_null", ErrorKind::ValueError, "options.residual", true,
+                [](auto &t) {
+                    t.set_epilogue(Epilogue::AddReLU);
+                    t.residual = HostTensor(DType::Float32, {4, 3, 5}, {});
+                }},
+        BadCall{"residual_memory_differs", ErrorKind::ValueError, "options.residual", false,
+                [](auto &t) {
+                    t.set_epilogue(Epilogue::Add);
+                    t.residual.relabel(hbn::Memory::CUDA);
+                }},
+        // In place is output at the residual's very address only.
+        BadCall{"output_overlaps_residual_shifted", ErrorKind::ValueError, "output and options.residual", true,
+                [](auto &t) {
+                    t.set_epilogue(Epilogue::AddReLU);
+                    std::vector<double> values = t.residual.values();
+                    values.push_back(0);
+                    t.residual = HostTensor(DType::Float32, {61}, values);
+                },
+                [](auto &t) {
+                    hbn::BatchNormOptions options = t.options;
+                    options.residual = shifted(t.residual, {4, 3, 5}, 0);
+                    hbn::batch_norm(t.x.view(), t.running_mean.view(), t.running_var.view(), t.weight.view(),
+                                    t.bias.view(), shifted(t.residual, {4, 3, 5}, 4), options);
                 }}),
     [](const auto &info) { return std::string(info.param.name); });
 
