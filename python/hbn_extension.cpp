@@ -211,7 +211,7 @@ View view_of(const char *name, py::object source, bool written = false) {
                                         "PyTorch CPU tensor), got " + type_name(source));
 }
 
-// An optional per-channel argument: None is hbn's default Tensor{} (absent).
+// An optional argument: None is hbn's default Tensor{} (absent).
 View view_of_optional(const char *name, const py::object &source) {
     return source.is_none() ? View{} : view_of(name, source);
 }
@@ -315,9 +315,25 @@ hbn::AllReduce all_reduce_of(const py::object &hook) {
     };
 }
 
+// The fused epilogue's activation: None, or "relu" (as torch.nn.functional names it).
+hbn::Activation activation_argument(const py::object &value) {
+    if (value.is_none()) {
+        return hbn::Activation::None;
+    }
+    if (!PyUnicode_Check(value.ptr())) {
+        fail(hbn::ErrorKind::TypeError, "activation must be None or a str, got " + type_name(value));
+    }
+    const std::string name = value.cast<std::string>();
+    if (name != "relu") {
+        fail(hbn::ErrorKind::ValueError, "activation must be None or 'relu', got '" + name + "'");
+    }
+    return hbn::Activation::ReLU;
+}
+
 hbn::BatchNormOptions options_of(const py::object &training, const py::object &momentum,
                                  const py::object &eps, const py::object &data_format,
-                                 const py::object &device, const py::object &all_reduce) {
+                                 const py::object &device, const py::object &all_reduce,
+                                 const py::object &activation) {
     hbn::BatchNormOptions options;
     options.all_reduce = all_reduce_of(all_reduce);
     options.training = bool_argument("training", training);
@@ -332,19 +348,23 @@ hbn::BatchNormOptions options_of(const py::object &training, const py::object &m
         fail(hbn::ErrorKind::ValueError, "data_format must be 'NCHW' or 'NHWC', got '" + format + "'");
     }
     options.device = device_argument(device);
+    options.activation = activation_argument(activation);
     return options;
 }
 
 py::object batch_norm(py::object input_x, py::object running_mean, py::object running_var,
                       py::object weight, py::object bias, py::object training, py::object momentum,
-                      py::object eps, py::object data_format, py::object device, py::object all_reduce) {
-    const hbn::BatchNormOptions options =
-        options_of(training, momentum, eps, data_format, device, all_reduce);
+                      py::object eps, py::object data_format, py::object device, py::object all_reduce,
+                      py::object activation, py::object residual) {
+    hbn::BatchNormOptions options =
+        options_of(training, momentum, eps, data_format, device, all_reduce, activation);
     const View x = view_of("input_x", input_x);
     const View mean = view_of("running_mean", running_mean, options.training);
     const View var = view_of("running_var", running_var, options.training);
     const View scale = view_of("weight", weight);
     const View shift = view_of("bias", bias);
+    const View added = view_of_optional("residual", residual);
+    options.residual = added.tensor;
     const View output = new_like(x, x.tensor.shape, x.tensor.dtype);
     {
         py::gil_scoped_release unlocked;
@@ -356,14 +376,17 @@ py::object batch_norm(py::object input_x, py::object running_mean, py::object ru
 
 py::tuple batch_norm_training(py::object input_x, py::object running_mean, py::object running_var,
                               py::object weight, py::object bias, py::object momentum, py::object eps,
-                              py::object data_format, py::object device, py::object all_reduce) {
-    const hbn::BatchNormOptions options =
-        options_of(py::bool_(true), momentum, eps, data_format, device, all_reduce);
+                              py::object data_format, py::object device, py::object all_reduce,
+                              py::object activation, py::object residual) {
+    hbn::BatchNormOptions options =
+        options_of(py::bool_(true), momentum, eps, data_format, device, all_reduce, activation);
     const View x = view_of("input_x", input_x);
     const View mean = view_of("running_mean", running_mean, true);
     const View var = view_of("running_var", running_var, true);
     const View scale = view_of("weight", weight);
     const View shift = view_of("bias", bias);
+    const View added = view_of_optional("residual", residual);
+    options.residual = added.tensor;
     const View output = new_like(x, x.tensor.shape, x.tensor.dtype);
     const auto channels = per_channel_shape(x, options.layout);
     const View saved_mean = new_like(x, channels, hbn::DType::Float32);
@@ -379,9 +402,12 @@ py::tuple batch_norm_training(py::object input_x, py::object running_mean, py::o
 py::tuple batch_norm_backward(py::object grad_output, py::object input_x, py::object weight,
                               py::object running_mean, py::object running_var, py::object saved_mean,
                               py::object saved_inv_std, py::object training, py::object eps,
-                              py::object data_format, py::object device, py::object all_reduce) {
-    const hbn::BatchNormOptions options =
-        options_of(training, py::float_(0.1), eps, data_format, device, all_reduce);
+                              py::object data_format, py::object device, py::object all_reduce,
+                              py::object activation, py::object forward_output,
+                              py::object return_grad_residual) {
+    hbn::BatchNormOptions options =
+        options_of(training, py::float_(0.1), eps, data_format, device, all_reduce, activation);
+    const bool wants_grad_residual = bool_argument("return_grad_residual", return_grad_residual);
     const View dy = view_of("grad_output", grad_output);
     const View x = view_of("input_x", input_x);
     const View scale = view_of("weight", weight);
@@ -389,15 +415,23 @@ py::tuple batch_norm_backward(py::object grad_output, py::object input_x, py::ob
     const View var = view_of_optional("running_var", running_var);
     const View batch_mean = view_of_optional("saved_mean", saved_mean);
     const View inv_std = view_of_optional("saved_inv_std", saved_inv_std);
+    const View mask = view_of_optional("forward_output", forward_output);
+    options.forward_output = mask.tensor;
     const View grad_input = new_like(x, x.tensor.shape, x.tensor.dtype);
     const auto channels = per_channel_shape(x, options.layout);
     const View grad_weight = new_like(scale, channels, scale.tensor.dtype);
     const View grad_bias = new_like(scale, channels, scale.tensor.dtype);
+    const View grad_residual = wants_grad_residual ? new_like(x, x.tensor.shape, x.tensor.dtype) : View{};
+    options.grad_residual = grad_residual.tensor;
     {
         py::gil_scoped_release unlocked;
         hbn::batch_norm_backward(dy.tensor, x.tensor, scale.tensor, mean.tensor, var.tensor,
                                  batch_mean.tensor, inv_std.tensor, grad_input.tensor,
                                  grad_weight.tensor, grad_bias.tensor, options);
+    }
+    if (wants_grad_residual) {
+        return py::make_tuple(grad_input.source, grad_weight.source, grad_bias.source,
+                              grad_residual.source);
     }
     return py::make_tuple(grad_input.source, grad_weight.source, grad_bias.source);
 }

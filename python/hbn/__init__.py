@@ -20,7 +20,8 @@ __all__ = ["batch_norm", "batch_norm_training", "batch_norm_backward", "backend_
 
 
 def batch_norm(input_x, running_mean, running_var, weight, bias, training=False, momentum=0.1,
-               eps=1e-05, *, data_format="NCHW", device="auto", all_reduce=None):
+               eps=1e-05, *, data_format="NCHW", device="auto", all_reduce=None, activation=None,
+               residual=None):
     """y = (x - mean) / sqrt(var + eps) * weight + bias, per channel: MindSpore's ops.batch_norm.
 
     input_x: float16, float32 or bfloat16 (PyTorch tensors only: NumPy has no bfloat16), rank
@@ -38,25 +39,33 @@ def batch_norm(input_x, running_mean, running_var, weight, bias, training=False,
     ``lambda values: torch.distributed.all_reduce(torch.from_numpy(values))``. The statistics
     are then the whole batch's, on every process. Every process must make the same calls; see
     <hbn/batch_norm.h> for the protocol and what a failure on one process does.
+
+    Fused epilogue (ResNet's BN -> ReLU and BN -> add -> ReLU, in the same pass): the output is
+    activation(y + residual). activation: None or "relu" (torch.relu: NaN stays NaN).
+    residual: None, or an array of input_x's dtype and shape, added in float32 before one
+    rounding. The statistics (and so the running statistics) are those of input_x alone.
     """
     return _hbn.batch_norm(input_x, running_mean, running_var, weight, bias, training, momentum,
-                           eps, data_format, device, all_reduce)
+                           eps, data_format, device, all_reduce, activation, residual)
 
 
 def batch_norm_training(input_x, running_mean, running_var, weight, bias, momentum=0.1,
-                        eps=1e-05, *, data_format="NCHW", device="auto", all_reduce=None):
+                        eps=1e-05, *, data_format="NCHW", device="auto", all_reduce=None,
+                        activation=None, residual=None):
     """batch_norm(..., training=True) that also returns what the backward needs.
 
     Returns (output, saved_mean, saved_inv_std): the saved statistics are float32, shape (C,),
-    the batch mean and 1 / sqrt(biased batch variance + eps).
+    the batch mean and 1 / sqrt(biased batch variance + eps). With activation="relu", keep
+    the output too: batch_norm_backward's forward_output.
     """
     return _hbn.batch_norm_training(input_x, running_mean, running_var, weight, bias, momentum,
-                                    eps, data_format, device, all_reduce)
+                                    eps, data_format, device, all_reduce, activation, residual)
 
 
 def batch_norm_backward(grad_output, input_x, weight, running_mean=None, running_var=None,
                         saved_mean=None, saved_inv_std=None, training=False, eps=1e-05, *,
-                        data_format="NCHW", device="auto", all_reduce=None):
+                        data_format="NCHW", device="auto", all_reduce=None, activation=None,
+                        forward_output=None, return_grad_residual=False):
     """Gradients of batch_norm: returns (grad_input, grad_weight, grad_bias).
 
     training=True differentiates the training forward: pass its saved_mean and saved_inv_std.
@@ -67,10 +76,18 @@ def batch_norm_backward(grad_output, input_x, weight, running_mean=None, running
     input_x's dtype and shape, grad_weight and grad_bias weight's dtype. With all_reduce (as in
     batch_norm), training's grad_input is the whole batch's; grad_weight and grad_bias stay this
     process's part, for the data-parallel gradient all-reduce to sum.
+
+    Through a fused epilogue, grad_output is the gradient of the forward's output. With
+    activation="relu", pass that output as forward_output (input_x's dtype and shape): dy is
+    then grad_output where forward_output > 0 or is NaN and 0 elsewhere, as torch's ReLU
+    backward gives it (forward_output is not read without an activation).
+    return_grad_residual=True appends grad_residual, the residual's gradient (that dy, a new
+    array of input_x's kind, dtype and shape): (grad_input, grad_weight, grad_bias,
+    grad_residual).
     """
     return _hbn.batch_norm_backward(grad_output, input_x, weight, running_mean, running_var,
                                     saved_mean, saved_inv_std, training, eps, data_format, device,
-                                    all_reduce)
+                                    all_reduce, activation, forward_output, return_grad_residual)
 
 
 def backend_status(device):

@@ -3,7 +3,10 @@
 ``batch_norm`` has the signature of ``torch.nn.functional.batch_norm``, and
 ``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d`` subclass torch's own
 modules (same parameters, buffers, state_dict and isinstance checks), replacing
-only ``forward``. Gradients come from hbn's backward through
+only ``forward``. Both take hbn's fused epilogue as an option: ReLU
+(``activation="relu"``), after adding a residual (``batch_norm``'s keyword
+``residual``, the modules' ``forward(input, residual)``), in the same pass
+over the data. Gradients come from hbn's backward through
 ``torch.autograd.Function`` (first order only). Inputs are CPU tensors of
 float16, float32 or bfloat16; contiguous and channels-last tensors are read in place,
 any other layout is copied to contiguous first, and the output keeps the
@@ -45,51 +48,69 @@ def _torch_order(view, order):
     return view.permute(0, view.dim() - 1, *range(1, view.dim() - 1))
 
 
+def _like_view(tensor, order):
+    """tensor (of torch's axis order) in the layout of an hbn view with that order, dense:
+    a tensor that hbn reads alongside it, whatever memory format it arrived in."""
+    return (tensor.permute(order) if order else tensor).contiguous()
+
+
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
-                all_reduce):
+    def forward(ctx, input, weight, bias, residual, running_mean, running_var, training,
+                momentum, eps, activation, all_reduce):
         x, data_format, order = _hbn_view(input)
+        r = None if residual is None else _like_view(residual, order)
         if training:
             y, saved_mean, saved_inv_std = _hbn.batch_norm_training(
                 x, running_mean, running_var, weight, bias, momentum, eps, data_format, _DEVICE,
-                all_reduce)
-            ctx.save_for_backward(x, weight, saved_mean, saved_inv_std)
+                all_reduce, activation, r)
+            statistics = (saved_mean, saved_inv_std)
         else:
             y = _hbn.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
-                                data_format, _DEVICE, None)
-            ctx.save_for_backward(x, weight, running_mean, running_var)
+                                data_format, _DEVICE, None, activation, r)
+            statistics = (running_mean, running_var)
         # The view hbn read (a copy where input had another layout), so that the
-        # backward reads the same without copying again.
+        # backward reads the same without copying again; and the output, the
+        # ReLU's mask, in that layout (it is the output returned, or a view of it).
+        ctx.save_for_backward(x, weight, *statistics, None if activation is None else y)
         ctx.data_format, ctx.order = data_format, order
         ctx.training = training
         ctx.eps = eps
+        ctx.activation = activation
         ctx.all_reduce = all_reduce
         return _torch_order(y, order)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        x, weight, mean, spread = ctx.saved_tensors
+        x, weight, mean, spread, y = ctx.saved_tensors
         data_format, order = ctx.data_format, ctx.order
-        # grad_output in x's layout, whatever memory format it arrived in.
-        dy = (grad_output.permute(order) if order else grad_output).contiguous()
+        dy = _like_view(grad_output, order)
         statistics = (None, None, mean, spread) if ctx.training else (mean, spread, None, None)
-        grad_input, grad_weight, grad_bias = _hbn.batch_norm_backward(
+        # The residual's gradient is grad_output itself without an activation.
+        masks_residual = ctx.activation is not None and ctx.needs_input_grad[3]
+        grad_input, grad_weight, grad_bias, *masked = _hbn.batch_norm_backward(
             dy, x, weight, *statistics, ctx.training, ctx.eps, data_format, _DEVICE,
-            ctx.all_reduce)
+            ctx.all_reduce, ctx.activation, y, masks_residual)
+        grad_residual = _torch_order(masked[0], order) if masks_residual else grad_output
         return (_torch_order(grad_input, order), grad_weight, grad_bias,
-                None, None, None, None, None, None)
+                grad_residual if ctx.needs_input_grad[3] else None,
+                None, None, None, None, None, None, None)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-05, *, all_reduce=None):
-    """torch.nn.functional.batch_norm on hbn, differentiable in input, weight and bias.
+               momentum=0.1, eps=1e-05, *, all_reduce=None, activation=None, residual=None):
+    """torch.nn.functional.batch_norm on hbn, differentiable in input, weight, bias and residual.
 
     As in torch: training normalizes with the batch statistics and, where running_mean and
     running_var are given, updates them in place; inference needs them. weight and bias
     default to 1 and 0. all_reduce: synchronized statistics in training, as in
     hbn.batch_norm (the forward's and the backward's sums across processes).
+
+    Fused epilogue, in the same pass: activation=None or "relu", and residual=None or a tensor
+    of input's dtype and shape (any memory format), added before the activation: with both,
+    F.relu(F.batch_norm(...) + residual). The backward masks with the saved output, as
+    torch's ReLU does.
     """
     if input.dim() < 2:
         raise ValueError(f"input must have rank >= 2 (N, C, ...), got shape {tuple(input.shape)}")
@@ -107,8 +128,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     bias = torch.zeros(channels, dtype=per_channel_dtype) if bias is None else bias.contiguous()
     # hbn updates dense statistics in place: a strided one through a dense copy.
     mean, var = running_mean.contiguous(), running_var.contiguous()
-    output = _BatchNormFunction.apply(input, weight, bias, mean, var, bool(training),
-                                      float(momentum), float(eps), all_reduce)
+    output = _BatchNormFunction.apply(input, weight, bias, residual, mean, var, bool(training),
+                                      float(momentum), float(eps), activation, all_reduce)
     for statistic, updated in ((running_mean, mean), (running_var, var)):
         if updated is not statistic:
             statistic.copy_(updated)
@@ -116,9 +137,19 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 class _HbnBatchNorm:
-    """forward of torch's _BatchNorm (momentum=None: cumulative average), on hbn."""
+    """forward of torch's _BatchNorm (momentum=None: cumulative average), on hbn, with
+    batch_norm's fused epilogue: the keyword activation=None or "relu" of the constructor,
+    and forward(input, residual=None)."""
 
-    def forward(self, input):
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+    def extra_repr(self):
+        activation = "" if self.activation is None else f", activation={self.activation!r}"
+        return super().extra_repr() + activation
+
+    def forward(self, input, residual=None):
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -132,7 +163,8 @@ class _HbnBatchNorm:
                           self.running_mean if keeps_running else None,
                           self.running_var if keeps_running else None,
                           self.weight, self.bias, uses_batch_statistics, momentum, self.eps,
-                          all_reduce=self._all_reduce() if self.training else None)
+                          all_reduce=self._all_reduce() if self.training else None,
+                          activation=self.activation, residual=residual)
 
     def _all_reduce(self):
         return None

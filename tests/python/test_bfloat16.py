@@ -171,6 +171,21 @@ def test_numpy_parameters_with_bfloat16_input():
 
 # hbn.batch_norm_backward -----------------------------------------------------
 
+def backward_statistics(case, training, eps, running_mean, running_var):
+    """The backward's statistics as keyword arguments: in training the reference's saved ones,
+    rounded to float32 as hbn saves them, in inference the given running ones (tensors of
+    case's); and the float64 mean and inv_std that grad_input_scale needs."""
+    if training:
+        forward = reference_forward(case, training=True, eps=eps)
+        mean, inv_std = forward.saved_mean, forward.saved_inv_std
+        statistics = dict(saved_mean=torch.from_numpy(mean.astype(np.float32)),
+                          saved_inv_std=torch.from_numpy(inv_std.astype(np.float32)))
+    else:
+        mean, inv_std = case.running_mean, 1.0 / np.sqrt(case.running_var + eps)
+        statistics = dict(running_mean=running_mean, running_var=running_var)
+    return statistics, mean, inv_std
+
+
 @pytest.mark.parametrize("x_dtype,param_dtype", DTYPE_PAIRS[:4],
                          ids=[f"x_{str(x)[6:]}-params_{str(p)[6:]}" for x, p in DTYPE_PAIRS[:4]])
 @modes
@@ -185,14 +200,7 @@ def test_backward_matches_torch_autograd(shape, data_format, training, x_dtype, 
     before = [bits(dy), bits(x)]
     eps = 1e-4
     expected = reference_backward(case, grad_output, training, eps=eps)
-    if training:  # the reference's statistics, rounded to float32 as hbn saves them
-        forward = reference_forward(case, training=True, eps=eps)
-        mean, inv_std = forward.saved_mean, forward.saved_inv_std
-        statistics = dict(saved_mean=torch.from_numpy(mean.astype(np.float32)),
-                          saved_inv_std=torch.from_numpy(inv_std.astype(np.float32)))
-    else:
-        mean, inv_std = case.running_mean, 1.0 / np.sqrt(case.running_var + eps)
-        statistics = dict(running_mean=running_mean, running_var=running_var)
+    statistics, mean, inv_std = backward_statistics(case, training, eps, running_mean, running_var)
 
     grad_input, grad_weight, grad_bias = hbn.batch_norm_backward(
         dy, x, weight, **statistics, training=training, eps=eps, data_format=data_format)
