@@ -2,28 +2,36 @@
 // <hbn/batch_norm.h>, with shapes of zero, negative and huge extents (element
 // counts and byte sizes beyond int64 among them), invalid enum values,
 // extreme eps and momentum, null, misaligned and aliased data, device memory
-// kinds, and, in the backward, default Tensor{}s for the optional tensors
-// (the gradients, either pair of statistics). The contract it asserts (a
-// breach traps, naming it on stderr):
+// kinds, the fused epilogue (options.activation, and options.residual,
+// forward_output and grad_residual, each passed to both directions though
+// one ignores it), and, in the backward, default Tensor{}s for the optional
+// tensors (the gradients, either pair of statistics). The contract it
+// asserts (a breach traps, naming it on stderr):
 //  - a call returns or throws hbn::Error; any other exception is a crash;
-//  - a throw writes nothing: the forward leaves running_mean and running_var,
-//    the backward every argument (grad_input, grad_weight, grad_bias among
-//    them), byte-for-byte unchanged;
+//  - a throw writes nothing: every argument (output, the running and saved
+//    statistics, grad_input, grad_weight, grad_bias and grad_residual among
+//    them) is left byte-for-byte unchanged;
 //  - a non-empty input_x with any shape that a call checks having a negative
 //    extent, or more elements or bytes than int64 holds, is a ValueError (a
 //    TypeError or RuntimeError may come first where the call has those
-//    faults too); so is a backward given a default Tensor{} for a statistic
-//    its mode uses (training: saved_mean, saved_inv_std; inference:
-//    running_mean, running_var);
+//    faults too); so is an unknown options.activation, and a backward given
+//    a default Tensor{} for a statistic its mode uses (training: saved_mean,
+//    saved_inv_std; inference: running_mean, running_var) or, with ReLU, for
+//    options.forward_output;
 //  - a call that returns had valid arguments: no bad value, enum, dtype,
 //    shape, null or misaligned data, missing statistic, forbidden aliasing
 //    or GPU backend (this build has none: CMake requires HBN_BACKENDS=cpu).
-//    The backward checks neither the statistics its mode does not use nor
-//    the gradients it is not asked for (a default Tensor{}, rank 0);
-//  - a forward in inference that returns left the running statistics
-//    unchanged; a backward that returns left what it only reads (input_x,
-//    grad_output unless grad_input is it, weight, the statistics) unchanged,
-//    bar an unused statistic that a gradient overlaps.
+//    The backward checks neither the statistics its mode does not use, nor
+//    the gradients it is not asked for (a default Tensor{}, rank 0), nor
+//    forward_output without ReLU, nor residual; the forward checks neither
+//    forward_output nor grad_residual;
+//  - a non-empty call with valid arguments returns;
+//  - a call that returns left what it does not write (the forward writes
+//    output, and in training the running and saved statistics; the backward
+//    its gradients, grad_residual among them) unchanged, bar what a tensor
+//    it writes overlaps: input_x or the residual under output, grad_output
+//    under grad_input or grad_residual (in place), or an argument it does not
+//    check.
 // Empty calls (input_x with an extent 0) need only return or throw
 // hbn::Error; an empty backward that returns leaves grad_weight and
 // grad_bias, where given, all zero. Every tensor's bytes end at a PROT_NONE
@@ -112,6 +120,10 @@ DType fuzz_dtype(FuzzedDataProvider &in) {
     return in.PickValueInArray(valid_dtypes);
 }
 
+DType other_dtype(DType dtype) {
+    return dtype == DType::Float32 ? DType::Float16 : DType::Float32;
+}
+
 // What a shape asks of memory. Empty: an extent 0 (whatever the others);
 // Bad: otherwise a negative extent, or more elements or bytes than int64
 // holds, which hbn must refuse; Huge: representable but too large to back
@@ -146,6 +158,11 @@ Extent extent_of(const Tensor &t) {
 // A tensor's bytes as hbn would address them (Small and Empty shapes only).
 size_t byte_size(const Tensor &t) {
     return static_cast<size_t>(extent_of(t).count * element_bytes(t.dtype));
+}
+
+// Whether an optional tensor is given: a default Tensor{} (rank 0) is not.
+bool given(const Tensor &t) {
+    return !t.shape.empty();
 }
 
 // Most decisions take the valid choice; one in `odds` takes a fault, so that
@@ -219,8 +236,9 @@ std::unique_ptr<GuardedBuffer> make_tensor(FuzzedDataProvider &in, Tensor &t, st
     return memory;
 }
 
-// The options both directions take, valid or not; options.training picks
-// the mode (batch_norm_training runs in training whatever it says).
+// The options both directions take, valid or not, but for the epilogue's
+// tensors (fuzz_epilogue); options.training picks the mode
+// (batch_norm_training runs in training whatever it says).
 hbn::BatchNormOptions fuzz_options(FuzzedDataProvider &in) {
     hbn::BatchNormOptions options;
     options.training = in.ConsumeBool();
@@ -230,6 +248,8 @@ hbn::BatchNormOptions fuzz_options(FuzzedDataProvider &in) {
                                    : in.ConsumeBool() ? hbn::Layout::NHWC : hbn::Layout::NCHW;
     options.device = fault(in, 16) ? fuzz_enum<hbn::Device>(in, 4)
                                    : in.ConsumeBool() ? hbn::Device::CPU : hbn::Device::Auto;
+    options.activation = fault(in, 32) ? fuzz_enum<hbn::Activation>(in, 2)
+                                       : in.ConsumeBool() ? hbn::Activation::ReLU : hbn::Activation::None;
     return options;
 }
 
@@ -280,6 +300,29 @@ void *data_inside(FuzzedDataProvider &in, const Tensor &outer, const Tensor &inn
 }
 
 using Memories = std::vector<std::unique_ptr<GuardedBuffer>>;
+
+// Adds a tensor mostly of its role's shape (a data tensor's, else {C}) and
+// dtype, else a data tensor of shape {C} or a mismatched valid dtype
+// (make_tensor adds bad dtypes, device memory, null and misaligned data).
+void add_tensor(FuzzedDataProvider &in, Memories &memory, Tensor &t, const Shapes &shapes, bool data,
+                DType dtype) {
+    const bool other_shape = data && fault(in, 32);
+    const bool other_type = fault(in, 32);
+    memory.push_back(make_tensor(in, t, data && !other_shape ? shapes.data : shapes.channel,
+                                 other_type ? other_dtype(dtype) : dtype));
+}
+
+// The epilogue's data tensors, each left out (a default Tensor{}) one time in
+// four. Both directions get all three, so that the one that ignores a tensor
+// runs with it there (and must leave it unchanged).
+void fuzz_epilogue(FuzzedDataProvider &in, hbn::BatchNormOptions &options, const Shapes &shapes, DType dtype,
+                   Memories &memory) {
+    for (Tensor *t : {&options.residual, &options.forward_output, &options.grad_residual}) {
+        if (!fault(in, 4)) {
+            add_tensor(in, memory, *t, shapes, true, dtype);
+        }
+    }
+}
 
 // The accessible bytes from a tensor's data on.
 size_t readable(const Memories &memory, const Tensor &t) {
@@ -333,20 +376,47 @@ struct Range {
     bool written;
 };
 
+// A pair of tensors that may be the same memory, in place: `target`
+// (written) with the same data as `source` (read).
+struct InPlace {
+    const Tensor *source, *target;
+};
+
 // Whether a written tensor among `ranges` shares a byte with another, beyond
-// the call's in-place pair: `target` (written) with the same data as
-// `source` (read). Host tensors whose shapes are Small only.
-bool forbidden_overlap(const std::vector<Range> &ranges, const Tensor &source, const Tensor &target) {
+// the call's in-place pairs. Host tensors whose shapes are Small only.
+bool forbidden_overlap(const std::vector<Range> &ranges, const std::vector<InPlace> &in_place) {
     for (size_t i = 0; i < ranges.size(); i++) {
         for (size_t j = i + 1; j < ranges.size(); j++) {
             const Tensor &a = *ranges[i].t, &b = *ranges[j].t;
-            const bool pair = (&a == &source && &b == &target) || (&a == &target && &b == &source);
+            const bool pair = std::any_of(in_place.begin(), in_place.end(), [&](const InPlace &p) {
+                return (&a == p.source && &b == p.target) || (&a == p.target && &b == p.source);
+            });
             if ((ranges[i].written || ranges[j].written) && !(pair && a.data == b.data) && overlap(a, b)) {
                 return true;
             }
         }
     }
     return false;
+}
+
+// Whether a call that returned changed one of `tensors` (whose bytes were
+// `before`) that none of `written`, the tensors it writes, overlaps.
+bool changed_unwritten(const std::vector<const Tensor *> &tensors,
+                       const std::vector<std::vector<unsigned char>> &before,
+                       const std::vector<const Tensor *> &written) {
+    for (size_t i = 0; i < tensors.size(); i++) {
+        const Tensor &t = *tensors[i];
+        const bool overwritten =
+            std::any_of(written.begin(), written.end(), [&](const Tensor *w) { return overlap(*w, t); });
+        if (!overwritten && snapshot(t) != before[i]) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool known_activation(hbn::Activation a) {
+    return a == hbn::Activation::None || a == hbn::Activation::ReLU;
 }
 
 // Argument checks that both directions share, each giving why a call that
@@ -365,6 +435,9 @@ const char *invalid_options(const hbn::BatchNormOptions &o) {
     if (o.device != hbn::Device::Auto && o.device != hbn::Device::CPU) {
         return "a Device this CPU-only build cannot run (or an unknown one) accepted";
     }
+    if (!known_activation(o.activation)) {
+        return "an unknown Activation accepted";
+    }
     return nullptr;
 }
 
@@ -382,7 +455,8 @@ const char *invalid_shapes(const Tensor &x, const std::vector<const Tensor *> &l
     }
     for (const Tensor *t : like_x) {
         if (t->shape != x.shape) {
-            return "a data tensor (output, grad_output, grad_input) of another shape than input_x accepted";
+            return "a data tensor (output, grad_output, grad_input, an epilogue's) of another shape than input_x "
+                   "accepted";
         }
     }
     for (const Tensor *t : per_channel) {
@@ -438,6 +512,17 @@ bool gpu_device(hbn::Device device) {
 // Forward ---------------------------------------------------------------------
 
 // A forward call's tensors by role, as passed.
+// What a call (Call, BackwardCall) checks: input_x, the tensors of its
+// shape, and the per-channel ones.
+template<typename CallType>
+std::vector<const Tensor *> checked_tensors(const CallType &call) {
+    std::vector<const Tensor *> t = call.like_x();
+    t.insert(t.begin(), &call.x);
+    const std::vector<const Tensor *> c = call.channel_tensors();
+    t.insert(t.end(), c.begin(), c.end());
+    return t;
+}
+
 struct Call {
     bool training_entry = false;
     hbn::BatchNormOptions options;
@@ -451,28 +536,48 @@ struct Call {
         }
         return t;
     }
+    // The data tensors of input_x's dtype, shape and memory.
+    std::vector<const Tensor *> like_x() const {
+        std::vector<const Tensor *> t = {&output};
+        if (given(options.residual)) {
+            t.push_back(&options.residual);
+        }
+        return t;
+    }
+    // What the call checks (checked_tensors): like_x() and channel_tensors()
+    // hold all but the backward's epilogue tensors.
     std::vector<const Tensor *> tensors() const {
         std::vector<const Tensor *> t = channel_tensors();
-        t.insert(t.begin(), {&x, &output});
+        t.insert(t.end(), {&x, &output, &options.residual, &options.forward_output, &options.grad_residual});
+        return t;
+    }
+    std::vector<const Tensor *> written() const {
+        std::vector<const Tensor *> t = {&output};
+        if (training()) {
+            t.insert(t.end(), {&running_mean, &running_var});
+        }
+        if (training_entry) {
+            t.insert(t.end(), {&saved_mean, &saved_inv_std});
+        }
         return t;
     }
     std::vector<Range> ranges() const {
-        std::vector<Range> r = {{&x, false},
-                                {&output, true},
-                                {&running_mean, training()},
-                                {&running_var, training()},
-                                {&weight, false},
-                                {&bias, false}};
-        if (training_entry) {
-            r.insert(r.end(), {{&saved_mean, true}, {&saved_inv_std, true}});
+        const std::vector<const Tensor *> w = written();
+        std::vector<Range> r;
+        for (const Tensor *t : checked_tensors(*this)) {
+            r.push_back({t, std::find(w.begin(), w.end(), t) != w.end()});
         }
         return r;
     }
     bool gpu_requested() const {
-        return gpu_device(options.device) || device_memory(x) || device_memory(output);
+        const std::vector<const Tensor *> d = like_x();
+        return gpu_device(options.device) || device_memory(x) ||
+               std::any_of(d.begin(), d.end(), [](const Tensor *t) { return device_memory(*t); });
     }
     bool type_fault() const {
-        bool fault = !valid_dtype(x.dtype) || output.dtype != x.dtype || !valid_dtype(running_mean.dtype);
+        const std::vector<const Tensor *> d = like_x();
+        bool fault = !valid_dtype(x.dtype) || !valid_dtype(running_mean.dtype) ||
+                     std::any_of(d.begin(), d.end(), [&](const Tensor *t) { return t->dtype != x.dtype; });
         for (const Tensor *t : {&running_var, &weight, &bias}) {
             fault = fault || t->dtype != running_mean.dtype;
         }
@@ -491,16 +596,16 @@ const char *invalid_argument(const Call &call) {
         return "a bad or mismatched dtype accepted";
     }
     const hbn::Layout layout = call.options.layout;
-    if (const char *why = invalid_shapes(call.x, {&call.output}, call.channel_tensors(), layout)) {
+    if (const char *why = invalid_shapes(call.x, call.like_x(), call.channel_tensors(), layout)) {
         return why;
     }
-    if (const char *why = invalid_tensors(call.tensors())) {
+    if (const char *why = invalid_tensors(checked_tensors(call))) {
         return why;
     }
     if (const char *why = call.training() ? too_few_values(call.x, layout) : nullptr) {
         return why;
     }
-    if (forbidden_overlap(call.ranges(), call.x, call.output)) {
+    if (forbidden_overlap(call.ranges(), {{&call.x, &call.output}, {&call.options.residual, &call.output}})) {
         return "forbidden aliasing accepted";
     }
     return nullptr;
@@ -528,9 +633,12 @@ void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
     }
     shrink_huge({&call.running_mean, &call.running_var, &call.weight, &call.bias, &call.saved_mean,
                  &call.saved_inv_std});
+    fuzz_epilogue(in, call.options, shapes, data_dtype, memory);
+    Tensor &residual = call.options.residual;
 
     // Aliasing, valid and not (none where the input is used up): the same
-    // tensor twice, or data inside another's bytes.
+    // tensor twice, or data inside another's bytes. The forward does not
+    // check forward_output and grad_residual, so they may overlap anything.
     switch (in.ConsumeIntegralInRange<int>(0, 29)) {
     case 1: call.running_var = call.running_mean; break;
     case 2: call.output = call.x; break;
@@ -542,19 +650,29 @@ void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
     case 8: call.weight = call.running_var; break;
     case 9: call.running_mean.data = call.x.data; break;
     case 10: call.saved_mean.data = call.output.data; break;
+    case 11: residual = call.output; break;  // in place
+    case 12: residual.data = call.output.data; break;
+    case 13: residual.data = offset_data(call.output, -element_bytes(call.output.dtype)); break;
+    case 14: residual = call.x; break;  // both only read
+    case 15: residual = call.output = call.x; break;  // output is both at once
+    case 16: call.running_mean.data = data_inside(in, residual, call.running_mean); break;
+    case 17: call.saved_inv_std.data = data_inside(in, residual, call.saved_inv_std); break;
+    case 18: call.options.forward_output = call.output; break;
+    case 19: call.options.grad_residual = call.running_var; break;
     default: break;
     }
     if (!in_memory(memory, call.tensors())) {
         return;
     }
 
-    const auto mean_before = snapshot(call.running_mean), var_before = snapshot(call.running_var);
+    const std::vector<const Tensor *> tensors = call.tensors();
+    const auto before = snapshots(tensors);
     const Size x_size = extent_of(call.x).size;
-    bool bad_shape = false;
-    for (const Tensor *t : call.tensors()) {
-        bad_shape = bad_shape || extent_of(*t).size == Size::Bad;
+    bool value_fault = !known_activation(options.activation);
+    for (const Tensor *t : checked_tensors(call)) {
+        value_fault = value_fault || extent_of(*t).size == Size::Bad;
     }
-    bad_shape = bad_shape && x_size != Size::Empty;
+    value_fault = value_fault && x_size != Size::Empty;
 
     try {
         if (training_entry) {
@@ -565,11 +683,15 @@ void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
                             options);
         }
     } catch (const hbn::Error &e) {
-        if (snapshot(call.running_mean) != mean_before || snapshot(call.running_var) != var_before) {
-            finding_after(e, "a call that threw changed the running statistics");
+        if (snapshots(tensors) != before) {
+            finding_after(e, "a call that threw changed an argument's bytes (output, the statistics among them)");
         }
-        if (bad_shape && !allowed_kind(e, call.type_fault(), call.gpu_requested())) {
-            finding_after(e, "a shape with a negative extent or beyond int64 was not a ValueError");
+        if (value_fault && !allowed_kind(e, call.type_fault(), call.gpu_requested())) {
+            finding_after(e, "a shape with a negative extent or beyond int64, or an unknown activation, was not a "
+                             "ValueError");
+        }
+        if (x_size != Size::Empty && invalid_argument(call) == nullptr) {
+            finding_after(e, "a call with valid arguments threw");
         }
         return;
     }
@@ -579,18 +701,13 @@ void fuzz_batch_norm(FuzzedDataProvider &in, bool training_entry) {
     if (const char *why = invalid_argument(call)) {
         finding(why);
     }
-    if (!call.training() &&
-        (snapshot(call.running_mean) != mean_before || snapshot(call.running_var) != var_before)) {
-        finding("inference changed the running statistics");
+    if (changed_unwritten(tensors, before, call.written())) {
+        finding("a call that returned changed a tensor it does not write (input_x, weight, bias, the residual, "
+                "the running statistics in inference, the backward's epilogue tensors)");
     }
 }
 
 // Backward --------------------------------------------------------------------
-
-// Whether an optional tensor is given: a default Tensor{} (rank 0) is not.
-bool given(const Tensor &t) {
-    return !t.shape.empty();
-}
 
 // A backward call's tensors by role, as passed.
 struct BackwardCall {
@@ -599,6 +716,7 @@ struct BackwardCall {
     Tensor grad_input, grad_weight, grad_bias;
 
     bool training() const { return options.training; }
+    bool relu() const { return options.activation == hbn::Activation::ReLU; }
     // The pair of statistics the mode uses (the other is neither read nor
     // checked).
     std::vector<const Tensor *> statistics() const {
@@ -607,20 +725,27 @@ struct BackwardCall {
         }
         return {&running_mean, &running_var};
     }
-    // The gradients asked for.
+    // The gradients asked for: what the call writes.
     std::vector<const Tensor *> gradients() const {
         std::vector<const Tensor *> t;
-        for (const Tensor *g : {&grad_input, &grad_weight, &grad_bias}) {
+        for (const Tensor *g : {&grad_input, &grad_weight, &grad_bias, &options.grad_residual}) {
             if (given(*g)) {
                 t.push_back(g);
             }
         }
         return t;
     }
+    // The data tensors of input_x's dtype, shape and memory that the call
+    // checks: forward_output only with ReLU.
     std::vector<const Tensor *> like_x() const {
         std::vector<const Tensor *> t = {&grad_output};
-        if (given(grad_input)) {
-            t.push_back(&grad_input);
+        for (const Tensor *d : {&grad_input, &options.grad_residual}) {
+            if (given(*d)) {
+                t.push_back(d);
+            }
+        }
+        if (relu() && given(options.forward_output)) {
+            t.push_back(&options.forward_output);
         }
         return t;
     }
@@ -634,43 +759,42 @@ struct BackwardCall {
         }
         return t;
     }
-    // What the call checks: all but the unused statistics and the gradients
-    // not asked for.
-    std::vector<const Tensor *> checked() const {
-        std::vector<const Tensor *> t = like_x();
-        t.insert(t.begin(), &x);
-        const std::vector<const Tensor *> c = channel_tensors();
-        t.insert(t.end(), c.begin(), c.end());
-        return t;
-    }
-    std::vector<const Tensor *> read_only() const {
-        return {&grad_output, &x, &weight, &running_mean, &running_var, &saved_mean, &saved_inv_std};
-    }
+    // What the call checks (checked_tensors): like_x() and channel_tensors()
+    // leave out the unused statistics and the gradients not asked for.
     std::vector<const Tensor *> tensors() const {
-        std::vector<const Tensor *> t = read_only();
-        t.insert(t.end(), {&grad_input, &grad_weight, &grad_bias});
-        return t;
+        return {&grad_output, &x, &weight, &running_mean, &running_var, &saved_mean, &saved_inv_std,
+                &grad_input, &grad_weight, &grad_bias, &options.residual, &options.forward_output,
+                &options.grad_residual};
     }
     std::vector<Range> ranges() const {
+        const std::vector<const Tensor *> g = gradients();
         std::vector<Range> r;
-        for (const Tensor *t : checked()) {
+        for (const Tensor *t : checked_tensors(*this)) {
             if (given(*t)) {
-                r.push_back({t, t == &grad_input || t == &grad_weight || t == &grad_bias});
+                r.push_back({t, std::find(g.begin(), g.end(), t) != g.end()});
             }
         }
         return r;
+    }
+    // grad_residual's pass reads grad_output, so only it may be grad_output
+    // when given.
+    InPlace in_place() const {
+        return {&grad_output, given(options.grad_residual) ? &options.grad_residual : &grad_input};
     }
     bool missing_statistic() const {
         const std::vector<const Tensor *> s = statistics();
         return !given(*s[0]) || !given(*s[1]);
     }
+    bool missing_forward_output() const { return relu() && !given(options.forward_output); }
     bool gpu_requested() const {
-        return gpu_device(options.device) || device_memory(grad_output) || device_memory(x) ||
-               (given(grad_input) && device_memory(grad_input));
+        const std::vector<const Tensor *> d = like_x();
+        return gpu_device(options.device) || device_memory(x) ||
+               std::any_of(d.begin(), d.end(), [](const Tensor *t) { return device_memory(*t); });
     }
     bool type_fault() const {
-        bool fault = !valid_dtype(grad_output.dtype) || x.dtype != grad_output.dtype ||
-                     (given(grad_input) && grad_input.dtype != x.dtype) || !valid_dtype(weight.dtype);
+        const std::vector<const Tensor *> d = like_x();
+        bool fault = !valid_dtype(grad_output.dtype) || !valid_dtype(weight.dtype) ||
+                     std::any_of(d.begin(), d.end(), [&](const Tensor *t) { return t->dtype != x.dtype; });
         for (const Tensor *s : statistics()) {
             fault = fault || (given(*s) && s->dtype != (training() ? DType::Float32 : weight.dtype));
         }
@@ -681,8 +805,9 @@ struct BackwardCall {
     }
 };
 
-// The same for a backward call: the unused statistics and the gradients not
-// asked for are not arguments to check.
+// The same for a backward call: the unused statistics, the gradients not
+// asked for, forward_output without ReLU and the residual are not arguments
+// to check.
 const char *invalid_argument(const BackwardCall &call) {
     if (const char *why = invalid_options(call.options)) {
         return why;
@@ -693,17 +818,20 @@ const char *invalid_argument(const BackwardCall &call) {
     if (call.missing_statistic()) {
         return "a backward without a statistic its mode uses (a default Tensor{}) accepted";
     }
+    if (call.missing_forward_output()) {
+        return "a ReLU backward without options.forward_output (a default Tensor{}) accepted";
+    }
     const hbn::Layout layout = call.options.layout;
     if (const char *why = invalid_shapes(call.x, call.like_x(), call.channel_tensors(), layout)) {
         return why;
     }
-    if (const char *why = invalid_tensors(call.checked())) {
+    if (const char *why = invalid_tensors(checked_tensors(call))) {
         return why;
     }
     if (const char *why = call.training() ? too_few_values(call.x, layout) : nullptr) {
         return why;
     }
-    if (forbidden_overlap(call.ranges(), call.grad_output, call.grad_input)) {
+    if (forbidden_overlap(call.ranges(), {call.in_place()})) {
         return "forbidden aliasing accepted";
     }
     return nullptr;
@@ -721,10 +849,6 @@ void leave_out(FuzzedDataProvider &in, Tensor &a, Tensor &b, bool none) {
     }
 }
 
-DType other_dtype(DType dtype) {
-    return dtype == DType::Float32 ? DType::Float16 : DType::Float32;
-}
-
 void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
     BackwardCall call;
     call.options = fuzz_options(in);
@@ -734,34 +858,28 @@ void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
     const DType data_dtype = fuzz_dtype(in);
     const DType param_dtype = fuzz_dtype(in);
     Memories memory;
-    // Mostly the shape and dtype of their role, else a data tensor of the
-    // per-channel shape or a mismatched valid dtype (make_tensor adds bad
-    // dtypes, device memory, null and misaligned data).
-    const auto add = [&](Tensor &t, bool data, DType dtype) {
-        const bool other_shape = data && fault(in, 32);
-        const bool other_type = fault(in, 32);
-        memory.push_back(make_tensor(in, t, data && !other_shape ? shapes.data : shapes.channel,
-                                     other_type ? other_dtype(dtype) : dtype));
-    };
     memory.push_back(make_tensor(in, call.grad_output, shapes.data, data_dtype));
     for (Tensor *t : {&call.x, &call.grad_input}) {
-        add(*t, true, data_dtype);
+        add_tensor(in, memory, *t, shapes, true, data_dtype);
     }
     for (Tensor *t : {&call.weight, &call.running_mean, &call.running_var, &call.grad_weight,
                       &call.grad_bias}) {
-        add(*t, false, param_dtype);
+        add_tensor(in, memory, *t, shapes, false, param_dtype);
     }
     for (Tensor *t : {&call.saved_mean, &call.saved_inv_std}) {
-        add(*t, false, DType::Float32);
+        add_tensor(in, memory, *t, shapes, false, DType::Float32);
     }
     shrink_huge({&call.weight, &call.running_mean, &call.running_var, &call.saved_mean, &call.saved_inv_std,
                  &call.grad_weight, &call.grad_bias});
+    fuzz_epilogue(in, call.options, shapes, data_dtype, memory);
+    Tensor &forward_output = call.options.forward_output, &grad_residual = call.options.grad_residual;
 
     // Aliasing, valid and not (none where the input is used up): the same
     // tensor twice, or data inside another's bytes. A statistic the mode
-    // does not use is not checked, so a gradient may overlap it.
+    // does not use is not checked, so a gradient may overlap it; nor are
+    // the residual and, without ReLU, forward_output.
     switch (in.ConsumeIntegralInRange<int>(0, 29)) {
-    case 1: call.grad_input = call.grad_output; break;  // in place
+    case 1: call.grad_input = call.grad_output; break;  // in place, unless grad_residual is given
     case 2: call.grad_input.data = call.grad_output.data; break;
     case 3:  // an element before
         call.grad_input.data = offset_data(call.grad_output, -element_bytes(call.grad_output.dtype));
@@ -778,6 +896,14 @@ void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
     case 13: call.grad_weight = call.running_mean; break;
     case 14: call.running_mean.data = call.x.data; break;
     case 15: call.grad_weight.data = data_inside(in, call.x, call.grad_weight); break;
+    case 16: grad_residual = call.grad_output; break;  // in place
+    case 17: grad_residual.data = offset_data(call.grad_output, -element_bytes(call.grad_output.dtype)); break;
+    case 18: grad_residual = call.grad_input; break;
+    case 19: grad_residual = call.x; break;
+    case 20: grad_residual = forward_output; break;
+    case 21: forward_output = call.grad_output; break;  // both only read
+    case 22: call.grad_bias.data = data_inside(in, grad_residual, call.grad_bias); break;
+    case 23: call.options.residual = call.grad_input; break;
     default: break;
     }
     // Optional tensors left out: each gradient one time in four; the pair of
@@ -798,11 +924,12 @@ void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
         return;
     }
 
-    const std::vector<const Tensor *> tensors = call.tensors();  // read_only() first
+    const std::vector<const Tensor *> tensors = call.tensors();
     const auto before = snapshots(tensors);
     const Size x_size = extent_of(call.x).size;
-    bool value_fault = call.missing_statistic();
-    for (const Tensor *t : call.checked()) {
+    bool value_fault =
+        call.missing_statistic() || call.missing_forward_output() || !known_activation(options.activation);
+    for (const Tensor *t : checked_tensors(call)) {
         value_fault = value_fault || extent_of(*t).size == Size::Bad;
     }
     value_fault = value_fault && x_size != Size::Empty;
@@ -816,8 +943,12 @@ void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
             finding_after(e, "a backward that threw changed an argument's bytes (the gradients among them)");
         }
         if (value_fault && !allowed_kind(e, call.type_fault(), call.gpu_requested())) {
-            finding_after(e, "a backward shape with a negative extent or beyond int64, or without a "
-                             "statistic its mode uses, was not a ValueError");
+            finding_after(e, "a backward shape with a negative extent or beyond int64, an unknown activation, "
+                             "or without a statistic its mode uses or forward_output with ReLU, was not a "
+                             "ValueError");
+        }
+        if (x_size != Size::Empty && invalid_argument(call) == nullptr) {
+            finding_after(e, "a backward with valid arguments threw");
         }
         return;
     }
@@ -833,17 +964,11 @@ void fuzz_batch_norm_backward(FuzzedDataProvider &in) {
     if (const char *why = invalid_argument(call)) {
         finding(why);
     }
-    // What it only reads is unchanged: grad_output unless grad_input is it
-    // (in place), and an unused statistic unless a gradient overlaps it.
-    const std::vector<const Tensor *> written = call.gradients();
-    for (size_t i = 0; i < call.read_only().size(); i++) {
-        const Tensor &t = *tensors[i];
-        const bool overwritten =
-            std::any_of(written.begin(), written.end(), [&](const Tensor *g) { return overlap(*g, t); });
-        if (!overwritten && snapshot(t) != before[i]) {
-            finding("a backward that returned changed a tensor it only reads (input_x, grad_output, weight, "
-                    "statistics)");
-        }
+    // grad_output may change only in place, and a tensor the call does not
+    // check only where a gradient overlaps it.
+    if (changed_unwritten(tensors, before, call.gradients())) {
+        finding("a backward that returned changed a tensor it does not write (input_x, grad_output, weight, "
+                "the statistics, the epilogue's inputs)");
     }
 }
 
