@@ -105,13 +105,22 @@ public:
         } else if (layout == Layout::NCHW) {
             schedule_sums_nchw_cpu(sums, values.r, c, vector_size, {relu});
             schedule_slab_by_slab_cpu(output, channel_outputs, {sums, terms}, v, parallel, vector_size, variants);
-            schedule_elementwise_cpu(grad_residual, v, layout, parallel, get_target(), {relu});
+            // Row by row with grad_input's pass, which has just read its dy
+            // and y. (compute_with takes no specializations: the mask stays a
+            // select on relu, over a y that is dy itself without it.)
+            grad_residual.reorder(v.inner, v.n, v.c).vectorize(v.inner, vector_size, TailStrategy::GuardWithIf);
+            if (parallel) {
+                grad_residual.parallel(v.c);
+            }
+            grad_residual.compute_with(output, v.n);
         } else {
             // Both sums first, then the elementwise pass.
             schedule_sums_nhwc_cpu(sums, values.r, c, vector_size, parallel, {relu});
             terms.compute_root();
             schedule_elementwise_cpu(output, v, layout, parallel, get_target(), variants);
-            schedule_elementwise_cpu(grad_residual, v, layout, parallel, get_target(), {relu});
+            // Block by block with grad_input's pass (see NCHW's).
+            schedule_elementwise_cpu(grad_residual, v, layout, parallel, get_target(), {});
+            grad_residual.compute_with(output, Var("row_block"));
         }
     }
 };
