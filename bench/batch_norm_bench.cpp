@@ -12,6 +12,16 @@
 // filled and touched once per dtype, layout and size (outside any timed
 // loop), and each implementation is warmed up once and checked on a sample of
 // outputs, against a double-precision reference, after it is timed.
+//
+// The fused epilogue (BatchNormOptions::activation, residual) has modes of
+// its own at the mid and large sizes: inference_relu, inference_add_relu,
+// training_relu, training_add_relu (y = relu(bn(x) [+ residual])), and
+// backward_training_relu, backward_training_add_relu (through that forward:
+// dy masked by the forward's y, and add_relu's grad_residual). Their impls:
+// hbn (fused, one call), hbn_unfused (hbn's plain batch norm and a separate
+// oneDNN elementwise pass), onednn (fuse_norm_relu) and copy. Their bytes add
+// the residual read (forward add_relu), and the forward's y read and
+// grad_residual written (backward relu and add_relu).
 #include "bench_case.h"
 #include "dtypes.h"
 
@@ -22,6 +32,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -56,10 +67,11 @@ const Size kSizes[] = {
     {"large", {128, 64, 112, 112}, {256, 64, 112, 112}},
 };
 
-enum class Impl { Hbn, Copy, Onednn, Torch };
+enum class Impl { Hbn, HbnUnfused, Copy, Onednn, Torch };
 const char *impl_name(Impl i) {
     switch (i) {
     case Impl::Hbn: return "hbn";
+    case Impl::HbnUnfused: return "hbn_unfused";
     case Impl::Copy: return "copy";
     case Impl::Onednn: return "onednn";
     case Impl::Torch: return "torch";
@@ -250,6 +262,63 @@ void add_backward_data(const Case &c, Data &d) {
     }
 }
 
+// The forward's output at offset i, of channel ch, in double on the given
+// statistics: bn(x), then the case's epilogue; and the magnitudes it is
+// formed from, |bn(x)| + |residual|, for the check's bound.
+struct Reference {
+    double y, terms;
+};
+Reference reference(const Case &c, const Data &d, int64_t i, int64_t ch, double mean,
+                    double inv_std) {
+    const double bn = (load(c, d.x.get(), i) - mean) * inv_std * d.weight[ch] + d.bias[ch];
+    const double residual = c.add() ? load(c, d.residual.get(), i) : 0;
+    return {c.relu() ? std::max(bn + residual, 0.0) : bn + residual,
+            std::abs(bn) + std::abs(residual)};
+}
+
+// What the epilogue adds, for the first case on d that needs each part. The
+// backward's forward_output is the fused training forward's y, computed on
+// the host (so that no implementation under test makes the mask it is timed
+// and checked on) for the case's epilogue, which the relu and add_relu
+// backwards do not share.
+void add_epilogue_data(const Case &c, Data &d) {
+    if (c.add() && !d.residual) d.residual = make_tensor(c, 0x9abc, -1, 1);
+    if (c.pass != Pass::Backward || !c.relu()) return;
+    if (!d.grad_residual) d.grad_residual = make_tensor(c, 0);
+    if (d.forward_output && d.forward_output_of == c.epilogue) return;
+    if (!d.forward_output) d.forward_output = allocate(c.tensor_bytes());
+    parallel_for(c.elements(), [&](int, int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const int64_t ch = c.channel_of(i);
+            const double y = reference(c, d, i, ch, d.batch_mean[ch], d.batch_inv_std[ch]).y;
+            store(c, d.forward_output.get(), i, static_cast<float>(y));
+        }
+    });
+    d.forward_output_of = c.epilogue;
+}
+
+// The tensors that one call of the case reads and writes, named: the bytes
+// every implementation is credited with (Case::tensors_moved of them), which
+// the copy moves, and whose outputs are poisoned and checked.
+struct Moved {
+    std::vector<std::pair<std::string, const void *>> read;
+    std::vector<std::pair<std::string, void *>> written;
+};
+Moved moved(const Case &c, const Data &d) {
+    Moved m;
+    if (c.pass == Pass::Forward) {
+        m.read = {{"x", d.x.get()}};
+        if (c.add()) m.read.emplace_back("residual", d.residual.get());
+        m.written = {{"y", d.y.get()}};
+    } else {
+        m.read = {{"x", d.x.get()}, {"dy", d.dy.get()}};
+        if (c.relu()) m.read.emplace_back("y", d.forward_output.get());
+        m.written = {{"dx", d.y.get()}};
+        if (c.add()) m.written.emplace_back("grad_residual", d.grad_residual.get());
+    }
+    return m;
+}
+
 // ---- hbn and copy ----
 struct HbnRunner : Runner {
     hbn::Tensor x, mean, var, weight, bias, y;
@@ -267,7 +336,10 @@ struct HbnBackwardRunner : Runner {
     }
 };
 
-std::unique_ptr<Runner> make_hbn(const Case &c, Data &d) {
+// hbn on the case: with its epilogue fused into the call, or (fused false,
+// for hbn_unfused) plain batch norm, whose backward then reads the masked dy
+// that the separate pass leaves in grad_residual's buffer.
+std::unique_ptr<Runner> make_hbn(const Case &c, Data &d, bool fused = true) {
     auto param = [&](std::vector<float> &v) {
         return hbn::Tensor{v.data(), hbn::DType::Float32, {c.channels()}};
     };
@@ -277,7 +349,9 @@ std::unique_ptr<Runner> make_hbn(const Case &c, Data &d) {
     options.layout = c.layout;
     options.momentum = kMomentum;
     options.eps = kEps;
+    if (fused && c.relu()) options.activation = hbn::Activation::ReLU;
     if (c.pass == Pass::Forward) {
+        if (fused && c.add()) options.residual = tensor(d.residual);
         auto r = std::make_unique<HbnRunner>();
         r->x = tensor(d.x);
         r->y = tensor(d.y);
@@ -288,8 +362,10 @@ std::unique_ptr<Runner> make_hbn(const Case &c, Data &d) {
         r->options = options;
         return r;
     }
+    if (fused && c.relu()) options.forward_output = tensor(d.forward_output);
+    if (fused && c.add()) options.grad_residual = tensor(d.grad_residual);
     auto r = std::make_unique<HbnBackwardRunner>();
-    r->dy = tensor(d.dy);
+    r->dy = tensor(fused ? d.dy : d.grad_residual);
     r->x = tensor(d.x);
     r->dx = tensor(d.y);
     r->weight = param(d.weight);
@@ -304,6 +380,30 @@ std::unique_ptr<Runner> make_hbn(const Case &c, Data &d) {
     r->grad_weight = param(d.grad_weight);
     r->grad_bias = param(d.grad_bias);
     r->options = options;
+    return r;
+}
+
+// Runs its parts in order, as one call.
+struct SequenceRunner : Runner {
+    std::vector<std::unique_ptr<Runner>> parts;
+    void run() override {
+        for (auto &part : parts) part->run();
+    }
+    void finish() override {
+        for (auto &part : parts) part->finish();
+    }
+};
+
+// hbn_unfused: hbn's plain batch norm and oneDNN's pass of the epilogue, as
+// a framework without the fusion runs them: the forward's pass over y after
+// batch norm, the backward's (the ReLU's backward into dz) before it.
+std::unique_ptr<Runner> make_hbn_unfused(const Case &c, Data &d) {
+    auto r = std::make_unique<SequenceRunner>();
+    const bool forward = c.pass == Pass::Forward;
+    r->parts.resize(2);
+    r->parts[forward ? 0 : 1] = make_hbn(c, d, /*fused=*/false);
+    r->parts[forward ? 1 : 0] = make_onednn_epilogue(c, d);
+    r->label = "hbn + oneDNN " + r->parts[forward ? 1 : 0]->label;
     return r;
 }
 
@@ -362,44 +462,65 @@ struct Copy {
     void operator()(size_t begin, size_t end) const { kernel(dst + begin, src + begin, end - begin); }
 };
 
-// Backward: dx = x ^ dy, bitwise. It reads x and dy and writes dx once each,
-// 3 bytes per byte of x (12 per float32 element, the backward's least
-// traffic) in every dtype, with no arithmetic that could bound it; with
-// plain or (AVX2) streaming stores.
-using XorKernel = void (*)(char *, const char *, const char *, size_t);
+// Backward, and the forward of add_relu: every output is the XOR of the
+// inputs, bitwise (dx = x ^ dy for the backward). It reads each input and
+// writes each output once (the backward: 3 bytes per byte of x, 12 per
+// float32 element, its least traffic) in every dtype, with no arithmetic
+// that could bound it; with plain or (AVX2) streaming stores. The pointers
+// come by value, so that stores through char * cannot alias them.
+template <int Inputs, int Outputs>
+using XorKernel = void (*)(std::array<char *, Outputs>, std::array<const char *, Inputs>, size_t);
 
-template <bool Stream>
-__attribute__((target("avx2"))) void xor_avx2(char *dst, const char *a, const char *b, size_t n) {
-    // dst, a and b are 64-byte aligned: page-aligned buffers, 64-byte parts.
+template <int Inputs, int Outputs, bool Stream>
+__attribute__((target("avx2"))) void xor_avx2(std::array<char *, Outputs> dst,
+                                              std::array<const char *, Inputs> src, size_t n) {
+    // All 64-byte aligned: page-aligned buffers, 64-byte parts.
     size_t i = 0;
     for (; i + 64 <= n; i += 64) {
-        const __m256i *pa = reinterpret_cast<const __m256i *>(a + i);
-        const __m256i *pb = reinterpret_cast<const __m256i *>(b + i);
-        __m256i *out = reinterpret_cast<__m256i *>(dst + i);
-        const __m256i v0 = _mm256_xor_si256(_mm256_load_si256(pa), _mm256_load_si256(pb));
-        const __m256i v1 = _mm256_xor_si256(_mm256_load_si256(pa + 1), _mm256_load_si256(pb + 1));
-        if (Stream) {
-            _mm256_stream_si256(out, v0);
-            _mm256_stream_si256(out + 1, v1);
-        } else {
-            _mm256_store_si256(out, v0);
-            _mm256_store_si256(out + 1, v1);
+        __m256i v[2];
+        for (int h = 0; h < 2; ++h) {
+            v[h] = _mm256_load_si256(reinterpret_cast<const __m256i *>(src[0] + i) + h);
+            for (int k = 1; k < Inputs; ++k)
+                v[h] = _mm256_xor_si256(
+                    v[h], _mm256_load_si256(reinterpret_cast<const __m256i *>(src[k] + i) + h));
         }
+        for (char *d : dst)
+            for (int h = 0; h < 2; ++h) {
+                __m256i *out = reinterpret_cast<__m256i *>(d + i) + h;
+                if (Stream)
+                    _mm256_stream_si256(out, v[h]);
+                else
+                    _mm256_store_si256(out, v[h]);
+            }
     }
-    for (; i < n; ++i) dst[i] = a[i] ^ b[i];
+    for (; i < n; ++i) {
+        char b = 0;
+        for (const char *s : src) b ^= s[i];
+        for (char *d : dst) d[i] = b;
+    }
     if (Stream) _mm_sfence();
 }
 
-void xor_plain(char *dst, const char *a, const char *b, size_t n) {
-    for (size_t i = 0; i < n; ++i) dst[i] = a[i] ^ b[i];  // SSE2, by the compiler
+template <int Inputs, int Outputs>
+void xor_plain(std::array<char *, Outputs> dst, std::array<const char *, Inputs> src, size_t n) {
+    for (size_t i = 0; i < n; ++i) {  // SSE2, by the compiler
+        char b = 0;
+        for (const char *s : src) b ^= s[i];
+        for (char *d : dst) d[i] = b;
+    }
 }
 
+template <int Inputs, int Outputs>
 struct Xor {
-    char *dst;
-    const char *a, *b;
-    XorKernel kernel;
+    std::array<char *, Outputs> dst;
+    std::array<const char *, Inputs> src;
+    XorKernel<Inputs, Outputs> kernel;
     void operator()(size_t begin, size_t end) const {
-        kernel(dst + begin, a + begin, b + begin, end - begin);
+        auto d = dst;
+        auto s = src;
+        for (char *&p : d) p += begin;
+        for (const char *&p : s) p += begin;
+        kernel(d, s, end - begin);
     }
 };
 
@@ -434,26 +555,50 @@ std::unique_ptr<Runner> faster_of(std::vector<std::unique_ptr<Runner>> candidate
     return fastest;
 }
 
+// The XOR of m's inputs into its outputs, with plain and with streaming
+// stores where the CPU has AVX2; labelled e.g. "dx = x ^ dy".
+template <int Inputs, int Outputs>
+void add_xor_candidates(const Moved &m, size_t bytes,
+                        std::vector<std::unique_ptr<Runner>> &candidates) {
+    Xor<Inputs, Outputs> part;
+    std::string what;
+    for (int k = 0; k < Outputs; ++k) {
+        part.dst[k] = static_cast<char *>(m.written[k].second);
+        what += m.written[k].first + " = ";
+    }
+    for (int k = 0; k < Inputs; ++k) {
+        part.src[k] = static_cast<const char *>(m.read[k].second);
+        what += (k ? " ^ " : "") + m.read[k].first;
+    }
+    if (__builtin_cpu_supports("avx2")) {
+        part.kernel = xor_avx2<Inputs, Outputs, false>;
+        candidates.push_back(make_copy_runner(part, bytes, what + ", AVX2"));
+        part.kernel = xor_avx2<Inputs, Outputs, true>;
+        candidates.push_back(make_copy_runner(part, bytes, what + ", AVX2, streaming stores"));
+    } else {
+        part.kernel = xor_plain<Inputs, Outputs>;
+        candidates.push_back(make_copy_runner(part, bytes, what));
+    }
+}
+
 std::unique_ptr<Runner> make_copy(const Case &c, Data &d) {
-    char *y = static_cast<char *>(d.y.get());
-    const char *x = static_cast<const char *>(d.x.get());
+    const Moved m = moved(c, d);
     const size_t bytes = c.tensor_bytes();
     std::vector<std::unique_ptr<Runner>> candidates;
-    if (c.pass == Pass::Forward) {
+    if (m.read.size() == 1) {  // the forward, plain or relu: y = x
+        char *y = static_cast<char *>(d.y.get());
+        const char *x = static_cast<const char *>(d.x.get());
         const bool avx512 = __builtin_cpu_supports("avx512f");
         candidates.push_back(make_copy_runner(Copy{y, x, memcpy_kernel}, bytes, "memcpy"));
         candidates.push_back(make_copy_runner(Copy{y, x, avx512 ? stream_copy_avx512 : stream_copy_sse2},
                                               bytes,
                                               avx512 ? "AVX-512 streaming copy" : "SSE2 streaming copy"));
-    } else {
-        const char *dy = static_cast<const char *>(d.dy.get());
-        if (__builtin_cpu_supports("avx2")) {
-            candidates.push_back(make_copy_runner(Xor{y, x, dy, xor_avx2<false>}, bytes, "dx = x ^ dy, AVX2"));
-            candidates.push_back(make_copy_runner(Xor{y, x, dy, xor_avx2<true>}, bytes,
-                                                  "dx = x ^ dy, AVX2, streaming stores"));
-        } else {
-            candidates.push_back(make_copy_runner(Xor{y, x, dy, xor_plain}, bytes, "dx = x ^ dy"));
-        }
+    } else if (m.read.size() == 2) {  // forward add_relu, plain backward
+        add_xor_candidates<2, 1>(m, bytes, candidates);
+    } else if (m.written.size() == 1) {  // backward relu
+        add_xor_candidates<3, 1>(m, bytes, candidates);
+    } else {  // backward add_relu
+        add_xor_candidates<3, 2>(m, bytes, candidates);
     }
     return faster_of(std::move(candidates), bytes);
 }
@@ -468,12 +613,13 @@ std::string compare(const char *what, int64_t i, double got, double want, double
     return msg;
 }
 
-// Checks y's guard, then check_channel(ch, M, offset) on channels 0, C / 2
-// and C - 1, offset(m) being the element offset of the channel's m-th value
-// (of M); the first error found, or "".
+// Checks the outputs' guards, then check_channel(ch, M, offset) on channels
+// 0, C / 2 and C - 1, offset(m) being the element offset of the channel's
+// m-th value (of M); the first error found, or "".
 template <class F>
 std::string check_channels(const Case &c, const Data &d, F check_channel) {
-    if (!guard_intact(d.y.get(), c.tensor_bytes())) return "wrote past the end of the output";
+    for (const auto &[name, p] : moved(c, d).written)
+        if (!guard_intact(p, c.tensor_bytes())) return "wrote past the end of " + name;
     const int64_t C = c.channels(), M = c.elements() / C, S = M / c.dims[0];
     for (int64_t ch : {int64_t{0}, C / 2, C - 1}) {
         const std::string err =
@@ -486,7 +632,26 @@ std::string check_channels(const Case &c, const Data &d, F check_channel) {
 // The 64 sampled values of a channel of M values: m = 0 ... M - 1.
 int64_t sample(int64_t M, int k) { return (M - 1) * k / 63; }
 
-std::string check_forward(const Case &c, Impl impl, const Data &d) {
+// The copy: every output's bits are the XOR of the inputs' (x's own, for the
+// forward's y = x).
+std::string check_copy(const Case &c, const Data &d) {
+    const Moved m = moved(c, d);
+    return check_channels(c, d, [&](int64_t, int64_t M, auto offset) -> std::string {
+        for (int k = 0; k < 64; ++k) {
+            const int64_t i = offset(sample(M, k));
+            uint32_t want = 0;
+            for (const auto &[name, p] : m.read) want ^= load_bits(c, p, i);
+            for (const auto &[name, p] : m.written) {
+                const std::string err =
+                    compare((name + " bits").c_str(), i, load_bits(c, p, i), want, 0);
+                if (!err.empty()) return err;
+            }
+        }
+        return "";
+    });
+}
+
+std::string check_forward(const Case &c, const Data &d) {
     const double tol = dtype_info(c.dtype).tolerance;
     return check_channels(c, d, [&](int64_t ch, int64_t M, auto offset) -> std::string {
         double mean = d.running_mean[ch], var = d.running_var[ch];
@@ -502,12 +667,9 @@ std::string check_forward(const Case &c, Impl impl, const Data &d) {
         }
         for (int k = 0; k < 64; ++k) {
             const int64_t i = offset(sample(M, k));
-            const double x = load(c, d.x.get(), i);
-            const double want = impl == Impl::Copy
-                                    ? x
-                                    : (x - mean) / std::sqrt(var + kEps) * d.weight[ch] + d.bias[ch];
+            const Reference want = reference(c, d, i, ch, mean, 1 / std::sqrt(var + kEps));
             const std::string err =
-                compare("y", i, load(c, d.y.get(), i), want, tol * (1 + std::abs(want)));
+                compare("y", i, load(c, d.y.get(), i), want.y, tol * (1 + want.terms));
             if (!err.empty()) return err;
         }
         return "";
@@ -515,33 +677,29 @@ std::string check_forward(const Case &c, Impl impl, const Data &d) {
 }
 
 // PyTorch's native_batch_norm_backward formulas (see hbn/batch_norm.h), on
-// the statistics the implementations were given. Bounds are relative to the
-// magnitudes each result is formed from: grad_input's terms, and the sums of
-// |dy| and |dy * xhat| for grad_bias and grad_weight. Float accumulation over
-// a channel stays well inside 1e-6 of the latter (libtorch's and oneDNN's
-// NHWC sums, on 2 threads at the large size: 4e-8); the sums themselves, of
-// random signs, are about 1 / sqrt(M) of them, so a wrong one is caught.
-std::string check_backward(const Case &c, Impl impl, const Data &d) {
+// the statistics the implementations were given, and, through a ReLU, on dy
+// masked by the forward's y (passed where y > 0 or NaN), which add_relu's
+// grad_residual must be exactly. Bounds are relative to the magnitudes each
+// result is formed from: grad_input's terms, and the sums of |dy| and
+// |dy * xhat| for grad_bias and grad_weight. Float accumulation over a
+// channel stays well inside 1e-6 of the latter (libtorch's and oneDNN's NHWC
+// sums, on 2 threads at the large size: 4e-8); the sums themselves, of random
+// signs, are about 1 / sqrt(M) of them, so a wrong one is caught.
+std::string check_backward(const Case &c, const Data &d) {
     const double tol = dtype_info(c.dtype).tolerance, sum_tol = 1e-6;
-    const void *x = d.x.get(), *dy = d.dy.get(), *dx = d.y.get();
+    const void *x = d.x.get(), *dx = d.y.get();
     const bool training = c.mode == Mode::Training;
+    auto masked_dy = [&](int64_t i) {
+        return c.relu() && load(c, d.forward_output.get(), i) <= 0 ? 0.0 : load(c, d.dy.get(), i);
+    };
     return check_channels(c, d, [&](int64_t ch, int64_t M, auto offset) -> std::string {
-        if (impl == Impl::Copy) {
-            for (int k = 0; k < 64; ++k) {
-                const int64_t i = offset(sample(M, k));
-                const std::string err = compare("dx bits", i, load_bits(c, dx, i),
-                                                load_bits(c, x, i) ^ load_bits(c, dy, i), 0);
-                if (!err.empty()) return err;
-            }
-            return "";
-        }
         const double mean = training ? d.batch_mean[ch] : d.running_mean[ch];
         const double inv_std = training ? d.batch_inv_std[ch]
                                         : 1 / std::sqrt(d.running_var[ch] + kEps);
         double sum_dy = 0, sum_dy_xhat = 0, abs_dy = 0, abs_dy_xhat = 0;
         for (int64_t m = 0; m < M; ++m) {
             const int64_t i = offset(m);
-            const double g = load(c, dy, i), g_xhat = g * (load(c, x, i) - mean) * inv_std;
+            const double g = masked_dy(i), g_xhat = g * (load(c, x, i) - mean) * inv_std;
             sum_dy += g, abs_dy += std::abs(g);
             sum_dy_xhat += g_xhat, abs_dy_xhat += std::abs(g_xhat);
         }
@@ -551,19 +709,22 @@ std::string check_backward(const Case &c, Impl impl, const Data &d) {
         const double scale = d.weight[ch] * inv_std, mean_dy = sum_dy / M, slope = sum_dy_xhat / M;
         for (int k = 0; k < 64 && err.empty(); ++k) {
             const int64_t i = offset(sample(M, k));
-            const double g = load(c, dy, i), xhat = (load(c, x, i) - mean) * inv_std;
+            const double g = masked_dy(i), xhat = (load(c, x, i) - mean) * inv_std;
             const double want = training ? scale * (g - mean_dy - xhat * slope) : scale * g;
             const double terms = training ? std::abs(scale) * (std::abs(g) + std::abs(mean_dy) +
                                                                std::abs(xhat * slope))
                                           : std::abs(want);
             err = compare("dx", i, load(c, dx, i), want, tol * (1 + terms));
+            if (err.empty() && c.add())
+                err = compare("grad_residual", i, load(c, d.grad_residual.get(), i), g, 0);
         }
         return err;
     });
 }
 
 std::string check(const Case &c, Impl impl, const Data &d) {
-    return c.pass == Pass::Forward ? check_forward(c, impl, d) : check_backward(c, impl, d);
+    if (impl == Impl::Copy) return check_copy(c, d);
+    return c.pass == Pass::Forward ? check_forward(c, d) : check_backward(c, d);
 }
 
 // ---- Running one benchmark ----
@@ -594,8 +755,10 @@ Current &prepare(const Case &c, Impl impl) {
         }
         Data &d = *cur.data;
         if (c.pass == Pass::Backward && !d.dy) add_backward_data(c, d);
+        add_epilogue_data(c, d);
         switch (impl) {
         case Impl::Hbn: cur.runner = make_hbn(c, d); break;
+        case Impl::HbnUnfused: cur.runner = make_hbn_unfused(c, d); break;
         case Impl::Copy: cur.runner = make_copy(c, d); break;
         case Impl::Onednn: cur.runner = make_onednn(c, d); break;
         case Impl::Torch: cur.runner = make_torch(c, d); break;
@@ -603,7 +766,7 @@ Current &prepare(const Case &c, Impl impl) {
         // Poison the outputs (all-ones bits: NaN in every dtype) so that the
         // check sees this implementation's, then warm up (JIT, thread pools,
         // caches).
-        std::memset(d.y.get(), 0xff, c.tensor_bytes());
+        for (const auto &[name, p] : moved(c, d).written) std::memset(p, 0xff, c.tensor_bytes());
         std::fill(d.grad_weight.begin(), d.grad_weight.end(), NAN);
         std::fill(d.grad_bias.begin(), d.grad_bias.end(), NAN);
         cur.runner->run();
@@ -638,24 +801,36 @@ void run_benchmark(benchmark::State &state, const Case &c, Impl impl) {
     }
 }
 
+// Plain batch norm against torch; the epilogue cases (the forward in both
+// modes, the backward of training's, at the mid and large sizes, where the
+// bytes dominate) against hbn_unfused instead, libtorch having no fused form.
+bool benchmarked(const Case &c, Impl impl) {
+    if (c.epilogue == Epilogue::None) return impl != Impl::HbnUnfused;
+    return impl != Impl::Torch && c.size != "tiny" &&
+           (c.pass == Pass::Forward || c.mode == Mode::Training);
+}
+
 void register_all() {
     for (const Size &size : kSizes)
         for (const DTypeInfo &dtype : kDTypes)
             for (hbn::Layout layout : {hbn::Layout::NCHW, hbn::Layout::NHWC})
                 for (Pass pass : {Pass::Forward, Pass::Backward})
                     for (Mode mode : {Mode::Inference, Mode::Training})
-                        for (Impl impl : {Impl::Hbn, Impl::Copy, Impl::Onednn, Impl::Torch}) {
-                            const Case c{pass, mode, dtype.dtype, layout, size.name,
-                                         size.dims(dtype.dtype)};
-                            const std::string name = "BM/" + c.name() + "/" + impl_name(impl);
-                            auto *b = benchmark::RegisterBenchmark(
-                                name.c_str(),
-                                [c, impl](benchmark::State &s) { run_benchmark(s, c, impl); });
-                            b->UseRealTime()->Unit(c.size == "tiny" ? benchmark::kNanosecond
-                                                                    : benchmark::kMillisecond);
-                            // Calls of 40 ms to 0.5 s: time at least 1 s of them.
-                            if (c.size == "large") b->MinTime(1.0);
-                        }
+                        for (Epilogue epilogue : {Epilogue::None, Epilogue::Relu, Epilogue::AddRelu})
+                            for (Impl impl : {Impl::Hbn, Impl::HbnUnfused, Impl::Copy, Impl::Onednn,
+                                              Impl::Torch}) {
+                                const Case c{pass,   mode,      epilogue, dtype.dtype,
+                                             layout, size.name, size.dims(dtype.dtype)};
+                                if (!benchmarked(c, impl)) continue;
+                                const std::string name = "BM/" + c.name() + "/" + impl_name(impl);
+                                auto *b = benchmark::RegisterBenchmark(
+                                    name.c_str(),
+                                    [c, impl](benchmark::State &s) { run_benchmark(s, c, impl); });
+                                b->UseRealTime()->Unit(c.size == "tiny" ? benchmark::kNanosecond
+                                                                        : benchmark::kMillisecond);
+                                // Calls of 40 ms to 0.5 s: time at least 1 s of them.
+                                if (c.size == "large") b->MinTime(1.0);
+                            }
 }
 
 }  // namespace

@@ -57,10 +57,15 @@ constexpr double kEps = 1e-5;
 // each in either mode.
 enum class Pass { Forward, Backward };
 enum class Mode { Inference, Training };
+// The fused epilogue (BatchNormOptions::activation and residual): none, ReLU,
+// or a residual added then ReLU. Its backward reads the forward's output as
+// the ReLU's mask, and add_relu's writes grad_residual too.
+enum class Epilogue { None, Relu, AddRelu };
 
 struct Case {
     Pass pass;
     Mode mode;
+    Epilogue epilogue;
     hbn::DType dtype;
     hbn::Layout layout;
     std::string size;           // tiny | mid | large
@@ -74,10 +79,17 @@ struct Case {
     }
     int64_t element_bytes() const { return dtype_info(dtype).bytes; }
     int64_t tensor_bytes() const { return elements() * element_bytes(); }
+    bool relu() const { return epilogue != Epilogue::None; }
+    bool add() const { return epilogue == Epilogue::AddRelu; }
     // What every implementation is credited with per call, the least any of
-    // them must move: x read and y written (forward); x and dy read and dx
-    // written (backward).
-    int64_t bytes_moved() const { return (pass == Pass::Backward ? 3 : 2) * tensor_bytes(); }
+    // them must move, in tensors: x read and y written (forward), plus the
+    // residual read (add_relu); x and dy read and dx written (backward), plus
+    // the forward's output read (the ReLU's mask) and grad_residual written
+    // (add_relu).
+    int64_t tensors_moved() const {
+        return pass == Pass::Forward ? 2 + add() : 3 + relu() + add();
+    }
+    int64_t bytes_moved() const { return tensors_moved() * tensor_bytes(); }
 
     // The dense shape in memory order: (N, C, H, W) or (N, H, W, C).
     std::vector<int64_t> shape() const {
@@ -92,15 +104,23 @@ struct Case {
         const int64_t C = channels(), S = elements() / dims[0] / C;
         return layout == hbn::Layout::NCHW ? (n * C + c) * S + s : (n * S + s) * C + c;
     }
+    // The channel of the element at offset i.
+    int64_t channel_of(int64_t i) const {
+        const int64_t C = channels(), S = elements() / dims[0] / C;
+        return layout == hbn::Layout::NCHW ? i / S % C : i % C;
+    }
 
-    // inference, training, backward_inference, backward_training
+    // inference, training, backward_inference, backward_training, each
+    // followed by the epilogue's _relu or _add_relu, if any.
     std::string mode_name() const {
+        static const char *const suffix[] = {"", "_relu", "_add_relu"};
         return std::string(pass == Pass::Backward ? "backward_" : "") +
-               (mode == Mode::Training ? "training" : "inference");
+               (mode == Mode::Training ? "training" : "inference") +
+               suffix[static_cast<int>(epilogue)];
     }
     std::string dtype_name() const { return dtype_info(dtype).name; }
     std::string layout_name() const { return layout == hbn::Layout::NHWC ? "nhwc" : "nchw"; }
-    // Cases that differ only in pass and mode share their buffers.
+    // Cases that differ only in pass, mode and epilogue share their buffers.
     std::string data_key() const { return dtype_name() + "/" + layout_name() + "/" + size; }
     std::string name() const { return mode_name() + "/" + data_key(); }
 };
@@ -125,12 +145,19 @@ struct Data {
     // forward's saved_mean and saved_inv_std that training's backward reads,
     // and batch_var = 1 / batch_inv_std^2 - eps, the form oneDNN takes.
     std::vector<float> batch_mean, batch_inv_std, batch_var;
+    // The epilogue's, each set up by the first case that needs it: the
+    // forward's residual (random); the backward's forward_output (the fused
+    // forward's y on x's batch statistics, computed on the host: the ReLU's
+    // mask), for the epilogue forward_output_of; grad_residual, written by
+    // add_relu's backward (and hbn_unfused's masked dy in both).
+    Buffer residual, forward_output, grad_residual;
+    Epilogue forward_output_of = Epilogue::None;
 };
 
 // One implementation prepared for one case: run() is one call of the case's
 // pass; finish() leaves the last call's outputs in Data (y, and the backward's
-// grad_weight and grad_bias), for the check. label, if set, is reported with
-// the result (e.g. oneDNN's implementation).
+// grad_weight, grad_bias and grad_residual), for the check. label, if set, is
+// reported with the result (e.g. oneDNN's implementation).
 struct Runner {
     virtual ~Runner() = default;
     virtual void run() = 0;
@@ -144,6 +171,9 @@ struct Unavailable : std::runtime_error {
 };
 
 std::unique_ptr<Runner> make_onednn(const Case &c, Data &d);
+// hbn_unfused's separate pass of the case's epilogue (oneDNN eltwise and
+// binary primitives).
+std::unique_ptr<Runner> make_onednn_epilogue(const Case &c, Data &d);
 std::unique_ptr<Runner> make_torch(const Case &c, Data &d);
 void init_torch(int threads);
 

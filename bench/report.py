@@ -16,6 +16,13 @@ written in the backward), then the ratios copy/hbn and peer/hbn, each
 time_other / time_hbn: copy/hbn = 1 means hbn runs as fast as a copy of those
 bytes; peer/hbn > 1 means hbn is faster than the peer.
 
+The fused epilogue's modes (inference_relu, training_add_relu,
+backward_training_relu, ...: a mode followed by _relu or _add_relu) get a
+table of their own: hbn's fused time, then hbn/copy, hbn/unfused,
+hbn/onednn and hbn/plain BN, each time_hbn / time_other, plain BN being hbn
+on the mode without the epilogue (same dtype, layout and size): below 1, the
+fused call is faster than the other.
+
 With --schedules, each JSON is one schedule source's run
 (scripts/bench_schedules.sh, context hbn_schedule): the table gives hbn's
 time per case and source, and each source's time over the manual one's.
@@ -27,11 +34,16 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-IMPLS = ["hbn", "copy", "onednn", "torch"]
+IMPLS = ["hbn", "copy", "onednn", "torch", "hbn_unfused"]
 PEERS = ["onednn", "torch"]
+# The epilogue modes' suffixes, _add_relu before the _relu it ends with.
+EPILOGUES = ["_add_relu", "_relu"]
 ORDER = {
     "size": ["tiny", "mid", "large"],
-    "mode": ["inference", "training", "backward_inference", "backward_training"],
+    "mode": ["inference", "inference_relu", "inference_add_relu",
+             "training", "training_relu", "training_add_relu",
+             "backward_inference", "backward_training",
+             "backward_training_relu", "backward_training_add_relu"],
     "dtype": ["float32", "float16", "bfloat16"],
     "layout": ["nchw", "nhwc"],
 }
@@ -88,6 +100,16 @@ def pass_of(case):
     return "backward" if case[0].startswith("backward_") else "forward"
 
 
+def epilogue_of(case):
+    """The mode's epilogue suffix (_relu, _add_relu), or "" for plain batch norm."""
+    return next((e for e in EPILOGUES if case[0].endswith(e)), "")
+
+
+def plain_case(case):
+    """The case of hbn's plain batch norm that an epilogue case adds to."""
+    return (case[0].removesuffix(epilogue_of(case)),) + case[1:]
+
+
 def rank(axis, value):
     """value's place on the axis; values not in ORDER (a newer benchmark's)
     go last."""
@@ -115,10 +137,16 @@ def fmt_gbps(r):
     return f"{r['gbps']:.3g}"
 
 
-def ratio(other, hbn):
-    if not other or not hbn or "seconds" not in other or "seconds" not in hbn:
+def fmt_result_time(r):
+    """r's time, or why it has none."""
+    return fmt_time(r["seconds"]) if r and "seconds" in r else fmt_gbps(r)
+
+
+def ratio(a, b):
+    """a's time over b's."""
+    if not a or not b or "seconds" not in a or "seconds" not in b:
         return "—"
-    return f"{other['seconds'] / hbn['seconds']:.2f}"
+    return f"{a['seconds'] / b['seconds']:.2f}"
 
 
 def describe(names):
@@ -154,7 +182,8 @@ def markdown(context, cases):
         "faster.",
     ]
     for name, title, counted in PASSES:
-        group = sorted((c for c in cases if pass_of(c) == name), key=case_key)
+        group = sorted((c for c in cases if pass_of(c) == name and not epilogue_of(c)),
+                       key=case_key)
         if not group:
             continue
         lines += [
@@ -170,9 +199,37 @@ def markdown(context, cases):
         for case in group:
             r = cases[case]
             hbn = r.get("hbn")
-            hbn_time = fmt_time(hbn["seconds"]) if hbn and "seconds" in hbn else fmt_gbps(hbn)
-            cells = ["/".join(case), hbn_time] + [fmt_gbps(r.get(i)) for i in IMPLS]
+            cells = ["/".join(case), fmt_result_time(hbn)]
+            cells += [fmt_gbps(r.get(i)) for i in ["hbn", "copy"] + PEERS]
             cells += [ratio(r.get(i), hbn) for i in ["copy"] + PEERS]
+            lines.append("| " + " | ".join(cells) + " |")
+
+    group = sorted((c for c in cases if epilogue_of(c)), key=case_key)
+    if group:
+        lines += [
+            "",
+            "## Fused epilogues: output = relu(bn(x) [+ residual]), and its backward",
+            "",
+            "hbn is one fused call; hbn_unfused is hbn's plain batch norm and a separate oneDNN "
+            "pass (ReLU, or add with a ReLU post-op, over y; the backward's ReLU backward "
+            "before it); onednn is fuse_norm_relu. GB/s count the bytes of x read plus y "
+            "written (forward), plus the residual read (add_relu); x, dy and the forward's y "
+            "read plus dx written (backward), plus grad_residual written (add_relu). The "
+            "ratios are time_hbn / time_other (below 1: fused hbn is faster); plain BN is hbn "
+            "on the same case without the epilogue.",
+            "",
+            "| case | hbn time | hbn GB/s | hbn/copy | hbn_unfused time | hbn/unfused "
+            "| onednn time | hbn/onednn | hbn/plain BN |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for case in group:
+            r = cases[case]
+            hbn = r.get("hbn")
+            plain = cases.get(plain_case(case), {}).get("hbn")
+            cells = ["/".join(case), fmt_result_time(hbn), fmt_gbps(hbn), ratio(hbn, r.get("copy")),
+                     fmt_result_time(r.get("hbn_unfused")), ratio(hbn, r.get("hbn_unfused")),
+                     fmt_result_time(r.get("onednn")), ratio(hbn, r.get("onednn")),
+                     ratio(hbn, plain)]
             lines.append("| " + " | ".join(cells) + " |")
 
     # Why a cell is n/a or error, which oneDNN implementation ran, and what
@@ -182,7 +239,7 @@ def markdown(context, cases):
         for impl, r in cases[case].items():
             if "error" in r:
                 notes[f"{impl}: {r['error']}"].append("/".join(case))
-            elif impl in ("onednn", "copy") and r["label"]:
+            elif impl in ("onednn", "copy", "hbn_unfused") and r["label"]:
                 notes[f"{impl} ran {r['label']}"].append("/".join(case))
     if notes:
         lines += ["", "Notes:", ""]
@@ -203,30 +260,42 @@ def plot(cases, path):
     # One row of bars per pass and size.
     rows = [(p, size) for p in PASSES for size in ORDER["size"]
             if any(pass_of(c) == p[0] and c[3] == size for c in cases)]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(13, 3.6 * len(rows)), squeeze=False)
-    width = 0.8 / len(IMPLS)
-    for ax, ((name, _, counted), size) in zip(axes[:, 0], rows):
-        group = sorted((c for c in cases if pass_of(c) == name and c[3] == size), key=case_key)
+    groups = [sorted((c for c in cases if pass_of(c) == name and c[3] == size), key=case_key)
+              for (name, _, _), size in rows]
+    fig, axes = plt.subplots(len(rows), 1, squeeze=False,
+                             figsize=(max(13, 0.6 * max(map(len, groups))), 3.6 * len(rows)))
+    legend = {}
+    for ax, ((name, _, counted), size), group in zip(axes[:, 0], rows, groups):
+        # The row's implementations (hbn_unfused has epilogue cases only),
+        # each in its own color in every row.
+        impls = [i for i in IMPLS if any(i in cases[c] for c in group)]
+        width = 0.8 / len(impls)
         missing = []
-        for k, impl in enumerate(IMPLS):
-            xs = [i + (k - (len(IMPLS) - 1) / 2) * width for i in range(len(group))]
+        for k, impl in enumerate(impls):
+            xs = [i + (k - (len(impls) - 1) / 2) * width for i in range(len(group))]
             ys = [cases[c].get(impl, {}).get("gbps", 0) for c in group]
-            ax.bar(xs, ys, width, label=impl)
-            missing += [x for x, y in zip(xs, ys) if not y]
+            legend[impl] = ax.bar(xs, ys, width, label=impl, color=f"C{IMPLS.index(impl)}")
+            # n/a where it ran and failed or was unavailable; blank where it
+            # has no such case.
+            missing += [x for x, c, y in zip(xs, group, ys) if impl in cases[c] and not y]
         if size == "tiny":  # per-call overhead: values span orders of magnitude
             ax.set_yscale("log")
         for x in missing:
             ax.text(x, ax.get_ylim()[0], "n/a", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(group)))
-        # The mode without "backward_" (the title says which pass), over
-        # dtype/layout: two lines, so that three dtypes' labels fit.
-        ax.set_xticklabels([c[0].replace("backward_", "", 1) + "\n" + "/".join(c[1:3])
-                            for c in group], fontsize=8)
+        # The mode without "backward_" (the title says which pass), its
+        # epilogue if any, and dtype/layout: a line each, so that the labels
+        # fit.
+        ax.set_xticklabels([plain_case(c)[0].replace("backward_", "", 1) +
+                            (f"\n+{epilogue_of(c)[1:]}" if epilogue_of(c) else "") +
+                            "\n" + "/".join(c[1:3]) for c in group], fontsize=8)
         ax.set_ylabel("GB/s")
         ax.set_title(f"{name}, {size}" + (" (log scale)" if size == "tiny" else "") +
-                     f": GB/s of {counted}", fontsize=10)
+                     f": GB/s of {counted}" +
+                     ("; with an epilogue, of its tensors too" if any(map(epilogue_of, group))
+                      else ""), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=len(IMPLS))
+    fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=len(legend))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)

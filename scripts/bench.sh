@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the benchmarks and runs them: hbn's forward (batch_norm) and backward
 # (batch_norm_backward), each in inference and training mode, against a copy
-# of the same bytes, oneDNN and libtorch. Writes
+# of the same bytes, oneDNN and libtorch, and the fused epilogues (ReLU, add
+# and ReLU) against hbn unfused and oneDNN's fused flags. Writes
 # bench/results/latest.{json,md,png}. Then times synchronized batch norm over
 # two MPI processes (bench/sync_overhead.cpp) and appends its table to
 # latest.md (HBN_BENCH_SYNC=0 skips it), and the cost of a call from Python
