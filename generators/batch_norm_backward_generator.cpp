@@ -72,7 +72,7 @@ public:
         const Expr dx_f64 = select(training, trained.f64, t.scale.f64 * dy);
         const Expr dx_f32 = select(training, trained.f32, t.scale.f32 * dy);
         output(v.args) = to_storage(select(in_double, cast<float>(dx_f64), dx_f32));
-        grad_residual(v.args) = to_storage(dy);  // exact: a stored dy, or 0
+        grad_residual(v.args) = stored_normalized_gradient(v.args);
 
         // Estimates
         set_data_estimates();

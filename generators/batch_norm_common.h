@@ -180,9 +180,10 @@ inline Expr rectified(const Expr &y) {
 // The gradient through y = relu(z), from y: dy where y > 0 or y is NaN, and
 // 0 where y <= 0, as PyTorch's ReLU backward (threshold_backward on the
 // output) gives it.
+// `dy` may be stored (zero is all-zero bits in every data type).
 inline Expr relu_gradient(const Expr &dy, const Expr &y) {
     const Expr bits = float_bits(y);
-    return select(bits <= negative_infinity_bits || bits == 0, 0.0f, dy);
+    return select(bits <= negative_infinity_bits || bits == 0, cast(dy.type(), 0), dy);
 }
 
 // The forward pipelines' fused epilogue (ResNet's BN -> ReLU and
@@ -218,10 +219,11 @@ protected:
     }
 
     // The variants of the elementwise pass: double (rare, so its epilogue
-    // stays a select), any epilogue, and plain BN (the default), which
-    // stays as it was.
+    // stays a select), the residual (its ReLU a select), the ReLU alone
+    // (which reads no residual), and plain BN (the default), which stays as
+    // it was.
     std::vector<Expr> elementwise_variants(const Expr &in_double) const {
-        return {in_double, relu || add_residual};
+        return {in_double, add_residual, relu};
     }
 
     void set_data_estimates() {

@@ -29,11 +29,17 @@ public:
 
 protected:
     // The gradient at `at` with respect to batch norm's own output z, where
-    // y = relu(z + residual): dy, masked by y when relu. It is the residual's
-    // gradient too. `at`: Vars or Exprs.
+    // y = relu(z + residual): dy, masked by y when relu. `at`: Vars or Exprs.
     template<typename Args>
     Expr normalized_gradient(const Args &at) const {
         const Expr dy = this->load_float(grad_output(at));
+        return select(relu, relu_gradient(dy, this->load_float(forward_output(at))), dy);
+    }
+    // The same as stored, the residual's gradient: dy's own bits, or zero's,
+    // with no conversion.
+    template<typename Args>
+    Expr stored_normalized_gradient(const Args &at) const {
+        const Expr dy = grad_output(at);
         return select(relu, relu_gradient(dy, this->load_float(forward_output(at))), dy);
     }
 
