@@ -97,7 +97,8 @@ struct BatchNormOptions {
     // hbn::Error at the same all-reduce, skipping the rest: the failing one
     // its own error, the others RuntimeError. Then no process changes its
     // running statistics, saved_mean, saved_inv_std, grad_weight or
-    // grad_bias; output and grad_input may have been written. An exception
+    // grad_bias; output, grad_input and grad_residual may have been
+    // written. An exception
     // thrown by the hook itself passes through unchanged, before anything
     // is committed; if it is thrown on some processes only, the others wait
     // in their next all-reduce, so a hook should fail everywhere or abort.
