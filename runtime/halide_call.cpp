@@ -43,9 +43,10 @@ void route_halide_error(void *user_context, const char *message) {
 }  // namespace
 
 CallContext::CallContext() {
-    // Start where this thread's calls usually find a free slot; with every
-    // slot taken (256 calls at once), wait for one.
-    size_t slot = std::hash<std::thread::id>{}(std::this_thread::get_id()) % context_slots;
+    // Start where this thread's calls usually find a free slot (hashed once
+    // per thread); with every slot taken (256 calls at once), wait for one.
+    thread_local const size_t first_slot = std::hash<std::thread::id>{}(std::this_thread::get_id()) % context_slots;
+    size_t slot = first_slot;
     for (size_t tries = 1;; tries++, slot = (slot + 1) % context_slots) {
         const CallContext *expected = nullptr;
         if (live_contexts[slot].compare_exchange_strong(expected, this, std::memory_order_acq_rel)) {
@@ -84,14 +85,14 @@ void install_error_handler() {
     });
 }
 
-void check_status(int status, const CallContext &context, const std::string &what) {
+void check_status(int status, const CallContext &context, const char *what) {
     if (status != 0) {
         std::string message = context.message();
         while (!message.empty() && (message.back() == '\n' || message.back() == ' ')) {
             message.pop_back();
         }
         throw Error(ErrorKind::RuntimeError,
-                    what + " failed (Halide error " + std::to_string(status) + "): " + message);
+                    std::string(what) + " failed (Halide error " + std::to_string(status) + "): " + message);
     }
 }
 

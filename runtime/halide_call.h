@@ -41,6 +41,6 @@ void install_error_handler();
 
 // Throws Error(RuntimeError) naming `what` and Halide's message when
 // `status` is not zero.
-void check_status(int status, const CallContext &context, const std::string &what);
+void check_status(int status, const CallContext &context, const char *what);
 
 }  // namespace hbn::internal

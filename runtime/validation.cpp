@@ -71,7 +71,8 @@ void check_dims_and_data(const Tensor &t, const char *name) {
     if (count == 0) {
         return;
     }
-    if (count > std::numeric_limits<int64_t>::max() / element_bytes(t.dtype)) {
+    int64_t bytes;
+    if (__builtin_mul_overflow(count, element_bytes(t.dtype), &bytes)) {
         fail(ErrorKind::ValueError, std::string(name) + " shape " + shape_string(t.shape) +
                                         " has more bytes than a 64-bit address space holds");
     }
@@ -79,8 +80,9 @@ void check_dims_and_data(const Tensor &t, const char *name) {
         fail(ErrorKind::ValueError, std::string(name) + ".data is null but its shape " +
                                         shape_string(t.shape) + " is not empty");
     }
-    // Host data is read and written as whole elements.
-    if (t.memory == Memory::Host && reinterpret_cast<uintptr_t>(t.data) % element_bytes(t.dtype) != 0) {
+    // Host data is read and written as whole elements (whose sizes are
+    // powers of two).
+    if (t.memory == Memory::Host && (reinterpret_cast<uintptr_t>(t.data) & (element_bytes(t.dtype) - 1)) != 0) {
         fail(ErrorKind::ValueError, std::string(name) + ".data is not aligned to its " +
                                         std::to_string(element_bytes(t.dtype)) + "-byte " +
                                         dtype_name(t.dtype) + " elements");
@@ -159,12 +161,12 @@ DataView view_of(const Tensor &x, Layout layout) {
 // inference). Host memory is compared by address range; a device tensor only
 // by its handle, since sub-buffers of one allocation cannot be told apart.
 struct Role {
-    const Tensor *tensor = nullptr;
-    const char *name = nullptr;
-    bool written = false;
-    uintptr_t begin = 0, end = 0;  // host bytes; a device tensor's handle in begin
+    const Tensor *tensor;
+    const char *name;
+    bool written;
+    uintptr_t begin, end;  // host bytes; a device tensor's handle in begin
 
-    Role() = default;
+    Role() = default;  // uninitialized: Roles holds 12, and a call reads only those it added
     // `count`: the tensor's elements, known from validation.
     Role(const Tensor &t, int64_t count, const char *name_, bool written_)
         : tensor(&t), name(name_), written(written_) {
@@ -201,13 +203,16 @@ void check_aliasing(const Roles &roles, std::initializer_list<InPlace> in_place_
     for (size_t i = 0; i < roles.count; i++) {
         for (size_t j = i + 1; j < roles.count; j++) {
             const Role &a = roles.items[i], &b = roles.items[j];
+            if (!(a.written || b.written) || !a.overlaps(b)) {
+                continue;
+            }
             bool in_place = false;
             for (const InPlace &pair : in_place_pairs) {
                 in_place = in_place || (((a.tensor == pair.source && b.tensor == pair.target) ||
                                          (a.tensor == pair.target && b.tensor == pair.source)) &&
                                         a.begin == b.begin);
             }
-            if ((a.written || b.written) && !in_place && a.overlaps(b)) {
+            if (!in_place) {
                 const Role &written = a.written ? a : b;
                 fail(ErrorKind::ValueError, std::string(a.name) + " and " + b.name +
                                                 " overlap in memory, but hbn writes " + written.name + " (" +
