@@ -116,6 +116,29 @@ inline std::string epilogue_name(Epilogue e) {
     return names[static_cast<int>(e)];
 }
 
+// |actual - expected| <= tolerance * (1 + |expected|), or equal (so equal
+// infinities pass), NaN only where expected. Tolerance 0 asks for equality.
+inline void expect_close(const std::vector<double> &actual, const std::vector<double> &expected,
+                         double tolerance, const std::string &what) {
+    ASSERT_EQ(actual.size(), expected.size()) << what;
+    int reported = 0;
+    size_t mismatches = 0;
+    for (size_t i = 0; i < actual.size(); i++) {
+        const bool ok = std::isnan(expected[i])
+                            ? std::isnan(actual[i])
+                            : actual[i] == expected[i] ||
+                                  std::abs(actual[i] - expected[i]) <= tolerance * (1 + std::abs(expected[i]));
+        if (!ok) {
+            mismatches++;
+            if (reported++ < 5) {
+                ADD_FAILURE() << what << "[" << i << "] = " << actual[i] << ", expected " << expected[i]
+                              << " (tolerance " << tolerance << ")";
+            }
+        }
+    }
+    EXPECT_EQ(mismatches, 0u) << what << ": " << mismatches << " of " << actual.size() << " differ";
+}
+
 struct BatchNormCase {
     std::vector<int64_t> shape;
     hbn::Layout layout = hbn::Layout::NCHW;
@@ -301,15 +324,7 @@ struct BackwardCase {
     // grad_residual is the masked dy itself: exact. Call after run().
     void expect_grad_residual(const std::string &what) const {
         if (adds_residual(epilogue())) {
-            const std::vector<double> expected = normalized_gradient();
-            const std::vector<double> actual = grad_residual.values();
-            ASSERT_EQ(actual.size(), expected.size()) << what;
-            size_t mismatches = 0;
-            for (size_t i = 0; i < actual.size(); i++) {
-                mismatches += !(actual[i] == expected[i] || (std::isnan(actual[i]) && std::isnan(expected[i])));
-            }
-            EXPECT_EQ(mismatches, 0u) << what << "grad_residual: " << mismatches << " of " << actual.size()
-                                      << " differ from the masked grad_output";
+            expect_close(grad_residual.values(), normalized_gradient(), 0, what + "grad_residual (the masked grad_output)");
         }
     }
 };
@@ -349,29 +364,6 @@ inline std::string matrix_name(const ::testing::TestParamInfo<MatrixParam> &info
                          << ", and " << why;                                                  \
         }                                                                                     \
     } while (0)
-
-// |actual - expected| <= tolerance * (1 + |expected|), or equal (so equal
-// infinities pass), NaN only where expected. Tolerance 0 asks for equality.
-inline void expect_close(const std::vector<double> &actual, const std::vector<double> &expected,
-                         double tolerance, const std::string &what) {
-    ASSERT_EQ(actual.size(), expected.size()) << what;
-    int reported = 0;
-    size_t mismatches = 0;
-    for (size_t i = 0; i < actual.size(); i++) {
-        const bool ok = std::isnan(expected[i])
-                            ? std::isnan(actual[i])
-                            : actual[i] == expected[i] ||
-                                  std::abs(actual[i] - expected[i]) <= tolerance * (1 + std::abs(expected[i]));
-        if (!ok) {
-            mismatches++;
-            if (reported++ < 5) {
-                ADD_FAILURE() << what << "[" << i << "] = " << actual[i] << ", expected " << expected[i]
-                              << " (tolerance " << tolerance << ")";
-            }
-        }
-    }
-    EXPECT_EQ(mismatches, 0u) << what << ": " << mismatches << " of " << actual.size() << " differ";
-}
 
 // |actual - expected| <= bounds[i] (per element), or equal (so equal
 // infinities pass), NaN only where expected.

@@ -20,7 +20,8 @@
 //    options.forward_output;
 //  - a call that returns had valid arguments: no bad value, enum, dtype,
 //    shape, null or misaligned data, missing statistic, forbidden aliasing
-//    or GPU backend (this build has none: CMake requires HBN_BACKENDS=cpu).
+//    or unusable GPU backend (LLVMFuzzerInitialize makes every GPU backend
+//    the build has unusable, so a GPU call must fail).
 //    The backward checks neither the statistics its mode does not use, nor
 //    the gradients it is not asked for (a default Tensor{}, rank 0), nor
 //    forward_output without ReLU, nor residual; the forward checks neither
@@ -474,7 +475,7 @@ const char *invalid_tensors(const std::vector<const Tensor *> &tensors) {
             return "a negative extent, or an element count or byte size beyond int64, accepted";
         }
         if (t->memory != hbn::Memory::Host) {
-            return "device (or unknown) memory accepted by a CPU-only build";
+            return "device (or unknown) memory accepted with every GPU backend unusable";
         }
         if (t->data == nullptr || reinterpret_cast<uintptr_t>(t->data) % element_bytes(t->dtype) != 0) {
             return "null or misaligned data accepted";
