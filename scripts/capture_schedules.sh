@@ -78,11 +78,15 @@ while read -r library generator params; do
             for backend in "${!gpu_target[@]}"; do
                 gpu_library=${library%_parallel}_$backend
                 rm -f "autoschedules/li2018/$backend/$gpu_library.schedule.h"
+                # The stage indices come from Adams2019 on the GPU target: a
+                # pipeline's algorithm may differ there (ChannelSums' blocks).
                 if raw_schedule li2018 "$gpu_library" "$generator" "${gpu_target[$backend]}" \
+                       "${params[@]}" &&
+                   raw_schedule adams2019 "$gpu_library" "$generator" "${gpu_target[$backend]}" \
                        "${params[@]}" &&
                    ! { [[ $backend == opencl ]] &&
                        grep -q '\.atomic()' "$build/raw/li2018/$gpu_library.schedule.h"; }; then
-                    checked_in li2018 "$backend" "$gpu_library" "$library"
+                    checked_in li2018 "$backend" "$gpu_library" "$gpu_library"
                 else
                     echo "no li2018 schedule for $gpu_library: it keeps the manual one"
                 fi

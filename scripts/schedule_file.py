@@ -21,6 +21,7 @@ schedule under autoschedules/ (see scripts/capture_schedules.sh).
   schedule finds stages by index, so a changed algorithm must fail loudly.
 - --serial drops parallel loops: the serial libraries exist to keep tiny
   tensors off the thread pool, and Li2018 parallelizes even for one core.
+- Mullapudi2016 leaves a var it only reorders undeclared: declared by name.
 - Li2018's output is not C++ as emitted (no Func or Var declarations, bare
   tail names) and schedules input wrappers (`bias_im`) that the pipeline does
   not hold: its Funcs are declared with the indices of another schedule of
@@ -73,9 +74,9 @@ def declare_li2018(body, indices):
                 funcs.append(func)
             kept.append(f"    {func}{statement}")
         for name in re.findall(r"[(,{]\s*([A-Za-z_][\w$]*)\s*(?=[,)}])", statement):
-            # RDom names are numbered per generate() run (r9$x): take the
-            # stage's own, by position.
-            rvar = re.fullmatch(r"r\d+\$([xyzw])", name)
+            # An RDom's dimensions (r9$x, numbered per generate() run, or a
+            # named RDom's rest$x): take the stage's own, by position.
+            rvar = re.fullmatch(r"[A-Za-z_]\w*\$([xyzw])", name)
             if rvar:
                 rvars[name] = (f"{stage}.update({update or 0}).get_schedule().rvars()"
                                f"[{'xyzw'.index(rvar.group(1))}].var")
@@ -96,6 +97,18 @@ def declare_li2018(body, indices):
     return "\n".join(lines + kept) + "\n"
 
 
+def declare_reordered_vars(body):
+    """Mullapudi2016 declares only the pure vars it splits (`Var c =
+    f.args()[0];`): a var it only reorders (blocks' `block`) is declared here,
+    by name, which is how Halide matches loop dimensions."""
+    declared = set(re.findall(r"\b(?:Var|RVar|Func) ([\w$]+)\b", body))
+    used = set()
+    for args in re.findall(r"\.reorder\(([^()]*)\)", body):
+        used.update(a for a in re.split(r"[\s,{}]+", args) if re.fullmatch(r"[A-Za-z_][\w$]*", a))
+    missing = sorted(used - declared)
+    return "".join(f"    Var {n}(\"{n}\");\n" for n in missing) + body
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("raw")
@@ -113,6 +126,7 @@ def main():
         if not args.stages:
             raise SystemExit(f"{args.raw}: no stage lookups; pass --stages")
         body = declare_li2018(body, stage_indices(Path(args.stages).read_text()))
+    body = declare_reordered_vars(body)
     body = GET_FUNC.sub(r'\1Func \2 = hbn_schedules::stage(pipeline, \3, "\2", __FILE__);', body)
     body = guard_tails(body)
     if args.serial:
