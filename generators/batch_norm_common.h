@@ -7,6 +7,7 @@
 #include "checked_in_schedule.h"
 #include "data_types.h"
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -45,24 +46,96 @@ inline int data_dimensions(Layout layout) {
     return layout == Layout::NCHW ? 3 : 2;
 }
 
-// Every value of a channel: NCHW (r.x, c, r.y) over (inner, n); NHWC
-// (c, r.x) over m. The reductions run over `r`.
-struct ChannelValues {
-    RDom r;
-    Layout layout;
+// The terms a reduction sums for the element at buffer arguments `at`
+// (training: d and d^2; backward: dy and dy * (x - mean)), computed in `type`.
+using ElementTerms = std::function<std::vector<Expr>(const std::vector<Expr> &at, const Type &type)>;
+
+// Per-channel sums, in double, of ElementTerms over every value of a channel
+// (NCHW: (inner, c, n), NHWC: (c, m)). Two ways, which the generator picks by
+// data type:
+// - each term in double: exact to double's rounding whatever its range
+//   (float32 and bfloat16, whose terms can overflow float32: |d| > 2^64);
+// - `in_blocks` (float16): the terms in float32, summed over blocks of 8
+//   or 16, and the block sums added in double. float16's terms stay far
+//   inside float32's range (|d| < 2^18), a block's sum rounds to ~2^-24 of
+//   its magnitude, and double carries the merge past 2^24 values and over
+//   large offsets. It spares the compute-bound 16-bit passes most of their
+//   conversions to double.
+// A block is, in NCHW, the 8 values 16 apart of a 128-value chunk of a row
+// (a lane of 16-wide loads); in NHWC, 16 consecutive rows of a channel. The
+// values past the whole chunks or blocks are summed in double.
+class ChannelSums {
+public:
+    static constexpr int lanes = 16, lane_block = 8, chunk = lanes * lane_block, block_rows = 16;
+
+    Func sums{"sums"};      // sums(c): the terms' sums, in double
+    Func blocks{"blocks"};  // in_blocks: NCHW blocks(lane, chunk, c, n), NHWC blocks(c, block)
+    Var lane{"lane"}, chunk_index{"chunk_index"}, item{"item"}, block{"block"};
+    RDom block_values;      // in_blocks: the values of a block
+    RDom whole;             // in_blocks: the blocks, NCHW (lane, chunk, n), NHWC (block)
+    RDom rest;              // the values summed in double: (inner, n) NCHW, (m) NHWC
+    bool in_blocks;
 
     template<typename InputBuffer>
-    ChannelValues(const InputBuffer &data, Layout layout_)
-        : r(layout_ == Layout::NCHW ? RDom(0, data.dim(0).extent(), 0, data.dim(2).extent())
-                                    : RDom(0, data.dim(1).extent())),
-          layout(layout_) {}
-
-    // The buffer arguments of channel c's value r.
-    std::vector<Expr> of(const Expr &c) const {
-        if (layout == Layout::NCHW) {
-            return {r.x, c, r.y};
+    ChannelSums(const InputBuffer &data, Layout layout, bool in_blocks_, size_t term_count, const ElementTerms &terms,
+                const Var &c)
+        : in_blocks(in_blocks_) {
+        const bool nchw = layout == Layout::NCHW;
+        const Expr row = nchw ? data.dim(0).extent() : data.dim(1).extent();  // the blocked axis
+        const int block_span = nchw ? chunk : block_rows;
+        // The rest keeps at least one value (a whole block where none is
+        // left over): on an empty RDom at its estimates, Adams2019 fails an
+        // internal assertion (LoopNest.cpp, l.max() >= l.min()).
+        const Expr whole_spans = in_blocks ? max(row - 1, 0) / block_span : Expr(0);
+        const Expr first_rest = whole_spans * block_span;
+        rest = nchw ? RDom(first_rest, row - first_rest, 0, data.dim(2).extent(), "rest")
+                    : RDom(first_rest, row - first_rest, "rest");
+        sums(c) = zeros(Float(64), term_count);
+        if (in_blocks) {
+            block_values = RDom(0, nchw ? lane_block : block_rows, "block_value");
+            const Expr t = block_values.x;
+            std::vector<Expr> block_args, whole_args;
+            if (nchw) {
+                whole = RDom(0, lanes, 0, whole_spans, 0, data.dim(2).extent(), "whole");
+                block_args = {lane, chunk_index, c, item};
+                whole_args = {whole.x, whole.y, c, whole.z};
+                blocks(block_args) = zeros(Float(32), term_count);
+                blocks(block_args) = plus(blocks(block_args), terms({chunk_index * chunk + t * lanes + lane, c, item},
+                                                                    Float(32)));
+            } else {
+                whole = RDom(0, whole_spans, "whole");
+                block_args = {c, block};
+                whole_args = {c, whole.x};
+                blocks(block_args) = zeros(Float(32), term_count);
+                // Blocks past the last whole one, which a schedule's
+                // guarded split may compute but never adds, read the last row.
+                blocks(block_args) =
+                    plus(blocks(block_args), terms({c, min(block * block_rows + t, row - 1)}, Float(32)));
+            }
+            std::vector<Expr> block_sums;
+            for (size_t i = 0; i < term_count; i++) {
+                block_sums.push_back(cast<double>(Expr(blocks(whole_args)[i])));
+            }
+            sums(c) = plus(sums(c), block_sums);
         }
-        return {c, r.x};
+        sums(c) = plus(sums(c), terms(nchw ? std::vector<Expr>{rest.x, c, rest.y} : std::vector<Expr>{c, rest.x},
+                                      Float(64)));
+    }
+
+    // The update stages: over the whole blocks (in_blocks), and over the rest.
+    Stage whole_update() { return sums.update(0); }
+    Stage rest_update() { return sums.update(in_blocks ? 1 : 0); }
+
+private:
+    static Tuple zeros(const Type &type, size_t count) {
+        return Tuple(std::vector<Expr>(count, cast(type, 0)));
+    }
+    static Tuple plus(const FuncRef &sum, const std::vector<Expr> &terms) {
+        std::vector<Expr> result;
+        for (size_t i = 0; i < terms.size(); i++) {
+            result.push_back(Expr(sum[i]) + terms[i]);
+        }
+        return Tuple(result);
     }
 };
 
@@ -110,6 +183,12 @@ protected:
     // 2^-8) dwarfs float32 arithmetic's error.
     bool is_16_bit() const {
         return data_type != DataType::Float32;
+    }
+    // Whether ChannelSums sums in float32 blocks: float16 data, on the CPU.
+    // (The GPU schedules reduce in double; on a GPU the 16-bit passes are
+    // not held back by the conversions that blocks save.)
+    bool sums_in_blocks() const {
+        return data_type == DataType::Float16 && !this->get_target().has_gpu_feature();
     }
     // A stored data value as float32, and a float32 value as stored.
     Expr load_float(const Expr &stored) const {
@@ -289,29 +368,46 @@ inline void schedule_elementwise_gpu(Func output, const DataVars &v, Layout layo
     specialize_in_turn(output, variants);
 }
 
-// Schedules of the per-channel sums, `sums(c)` with one update over a
-// ChannelValues' `r`, shared by the pipelines that reduce every value of a
-// channel (training: sum(d), sum(d^2); backward: sum(dy), sum(dy * (x - mean))).
-// `variants` specialize the stage that reads every value (specialize_in_turn).
+// Schedules of ChannelSums, shared by the pipelines that reduce every value
+// of a channel (training: sum(d), sum(d^2); backward: sum(dy),
+// sum(dy * (x - mean))). `variants` specialize the stages that read every
+// value (specialize_in_turn).
 
-// CPU, NCHW, with `sums` computed per channel inside the caller's loop: vector
-// lanes along the dense inner axis, and the slab's rows (images n) four at a
-// time, read side by side into their own accumulators. A loop this heavy in
-// double arithmetic issues its loads too slowly for one stream's hardware
-// prefetch to keep DRAM busy; four streams keep more reads in flight
-// (training, large: 52 -> 45.6 ms; a plain loop of the same shape: 17.4 ->
-// 22 GB/s).
-inline void schedule_sums_nchw_cpu(Func sums, const RDom &r, const Var &c, int vector_size,
+// CPU, NCHW, with `sums` computed per channel inside the caller's loop.
+// The values summed in double: vector lanes along the dense inner axis, and
+// the slab's rows (images n) four at a time, read side by side into their
+// own accumulators. A loop this heavy in double arithmetic issues its loads
+// too slowly for one stream's hardware prefetch to keep DRAM busy; four
+// streams keep more reads in flight (training, large: 52 -> 45.6 ms; a plain
+// loop of the same shape: 17.4 -> 22 GB/s).
+// The blocks: a chunk's 16 lanes at a time, each block's 8 values unrolled
+// into its lane's float32 accumulators, then added into 16 double ones.
+inline void schedule_sums_nchw_cpu(ChannelSums &channel, const Var &c, int vector_size,
                                    const std::vector<Expr> &variants = {}) {
     RVar inner_outer, inner_lane, n_outer, n_stream;
     Var lane{"lane"}, stream{"stream"};
-    Func lane_sums = sums.update()
+    const RDom &r = channel.rest;
+    Func lane_sums = channel.rest_update()
                          .split(r.x, inner_outer, inner_lane, vector_size, TailStrategy::GuardWithIf)
                          .split(r.y, n_outer, n_stream, 4, TailStrategy::GuardWithIf)
                          .rfactor({{inner_lane, lane}, {n_stream, stream}});
-    lane_sums.compute_at(sums, c).vectorize(lane);
+    lane_sums.compute_at(channel.sums, c).vectorize(lane);
     lane_sums.update().reorder(lane, stream, inner_outer, n_outer).vectorize(lane).unroll(stream);
     specialize_in_turn(lane_sums.update(), variants);
+    if (!channel.in_blocks) {
+        return;
+    }
+    const RDom &whole = channel.whole;
+    Var block_lane{"block_lane"};
+    Func block_lane_sums = channel.whole_update().rfactor(whole.x, block_lane);
+    block_lane_sums.compute_at(channel.sums, c).vectorize(block_lane);
+    block_lane_sums.update().reorder(block_lane, whole.y, whole.z).vectorize(block_lane);
+    channel.blocks.compute_at(block_lane_sums, whole.y).vectorize(channel.lane);
+    channel.blocks.update()
+        .reorder(channel.lane, channel.block_values.x)
+        .vectorize(channel.lane)
+        .unroll(channel.block_values.x);
+    specialize_in_turn(channel.blocks.update(), variants);
 }
 
 // CPU, NHWC (channels are the dense axis), computed at root: in parallel over
@@ -319,15 +415,51 @@ inline void schedule_sums_nchw_cpu(Func sums, const RDom &r, const Var &c, int v
 // 512 to 2048). Within a block, four vectors of channels at a time run down
 // the rows, so that their accumulators stay in registers, and more of them
 // are independent (mid 1.94-2.07 ms -> 1.67-1.79 ms, large 65 -> 57 ms,
-// against one vector). The block's four quarters are read side by side, as
-// four streams, for the same reason as NCHW's four rows (large 51-53 -> 45
-// ms, float16 69-70 -> 51-53 ms).
-inline void schedule_sums_nhwc_cpu(Func sums, const RDom &r, const Var &c, int vector_size, bool parallel,
+// against one vector). In double, the block's four quarters are read side by
+// side, as four streams, for the same reason as NCHW's four rows (large
+// 51-53 -> 45 ms, float16 69-70 -> 51-53 ms). In blocks, each block of 16
+// rows is summed into float32 accumulators, then added into the double ones;
+// the rest, fewer than 16 rows, runs down its rows.
+inline void schedule_sums_nhwc_cpu(ChannelSums &channel, const Var &c, int vector_size, bool parallel,
                                    const std::vector<Expr> &variants = {}) {
-    RVar block, row, row_stream;
     Var row_block{"row_block"}, c_vector{"c_vector"};
-    Func block_sums = sums.update()
-                          .split(r.x, block, row, 512, TailStrategy::GuardWithIf)
+    channel.sums.compute_root();
+    if (channel.in_blocks) {
+        RVar group, block;
+        Func group_sums = channel.whole_update()
+                              .split(channel.whole.x, group, block, 512 / ChannelSums::block_rows,
+                                     TailStrategy::GuardWithIf)
+                              .rfactor(group, row_block);
+        group_sums.compute_root().vectorize(c, vector_size, TailStrategy::GuardWithIf);
+        group_sums.update()
+            .split(c, c_vector, c, vector_size * 4, TailStrategy::GuardWithIf)
+            .reorder(c, block, c_vector, row_block)
+            .vectorize(c);
+        if (parallel) {
+            group_sums.update().parallel(row_block);
+        }
+        // Four vectors' accumulators at a time, independent, in registers.
+        Var c_outer{"c_outer"};
+        // One block at a time, on the stack: bounds inference through the
+        // guarded split would size it for more, on the heap.
+        channel.blocks.compute_at(group_sums, block)
+            .bound_extent(channel.block, 1)
+            .store_in(MemoryType::Stack)
+            .vectorize(c, vector_size, TailStrategy::GuardWithIf);
+        channel.blocks.update()
+            .split(c, c_outer, c, vector_size, TailStrategy::GuardWithIf)
+            .reorder(c, c_outer, channel.block_values.x)
+            .vectorize(c)
+            .unroll(c_outer);
+        specialize_in_turn(channel.blocks.update(), variants);
+        channel.whole_update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
+        channel.rest_update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
+        specialize_in_turn(channel.rest_update(), variants);
+        return;
+    }
+    RVar block, row, row_stream;
+    Func block_sums = channel.rest_update()
+                          .split(channel.rest.x, block, row, 512, TailStrategy::GuardWithIf)
                           .rfactor(block, row_block);
     block_sums.compute_root().vectorize(c, vector_size, TailStrategy::GuardWithIf);
     block_sums.update()
@@ -340,15 +472,18 @@ inline void schedule_sums_nhwc_cpu(Func sums, const RDom &r, const Var &c, int v
         block_sums.update().parallel(row_block);
     }
     specialize_in_turn(block_sums.update(), variants);
-    sums.compute_root().update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
+    channel.rest_update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
 }
 
 // GPU, computed at root in two kernels: partial sums over slices of each
 // channel, in parallel over channels and slices, then a thread per channel
 // adds its partials. Threads on neighbouring addresses, so that loads
 // coalesce.
-inline void schedule_sums_gpu(Func sums, const RDom &r, const Var &c, Layout layout,
+// (GPU pipelines sum in double: `channel` has no blocks.)
+inline void schedule_sums_gpu(ChannelSums &channel, const Var &c, Layout layout,
                               const std::vector<Expr> &variants = {}) {
+    Func sums = channel.sums;
+    const RDom &r = channel.rest;
     Var part{"part"}, c_block{"c_block"}, c_thread{"c_thread"};
     Func partial_sums;
     if (layout == Layout::NCHW) {

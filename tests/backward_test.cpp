@@ -444,18 +444,24 @@ TEST(BackwardGradientCheck, MatchesFiniteDifferencesOfReferenceForward) {
 // float32 cancels: simulated at this size (8184 values per channel) it errs
 // by 0.01 to 4 against a bound of ~1.3e-3 (4 unit_roundoff32 * sum |dy * xhat|, ~5200),
 // and its grad_input by 300 to 50000 times the bound.
+// float16 (whose sums are float32 blocks merged in double) at mean / std =
+// 1e3, where its spacing is 0.5.
 TEST(BackwardNumerics, LargeOffsetInX) {
-    for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-        const std::vector<int64_t> shape = layout == Layout::NCHW ? std::vector<int64_t>{8, 5, 33, 31}
-                                                                  : std::vector<int64_t>{8, 33, 31, 5};
-        BackwardCase t(shape, layout, DType::Float32, DType::Float32, true, 23, 1e4, 1.0);
-        const ReferenceBackward expected = t.reference();
-        t.run();
-        for (size_t c = 0; c < expected.grad_weight.size(); c++) {
-            std::printf("mean/std 1e4 channel %zu: grad_weight %.9g, reference %.9g\n", c, t.grad_weight.get(c),
-                        expected.grad_weight[c]);
+    for (DType dtype : {DType::Float32, DType::Float16}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            const std::vector<int64_t> shape = layout == Layout::NCHW ? std::vector<int64_t>{8, 5, 33, 31}
+                                                                      : std::vector<int64_t>{8, 33, 31, 5};
+            const double mean = dtype == DType::Float32 ? 1e4 : 1e3;
+            BackwardCase t(shape, layout, dtype, DType::Float32, true, 23, mean, 1.0);
+            const ReferenceBackward expected = t.reference();
+            t.run();
+            const std::string what = dtype_label(dtype) + " " + case_name(layout, true) + "large mean/std ";
+            for (size_t c = 0; c < expected.grad_weight.size(); c++) {
+                std::printf("%schannel %zu: grad_weight %.9g, reference %.9g\n", what.c_str(), c,
+                            t.grad_weight.get(c), expected.grad_weight[c]);
+            }
+            expect_gradients(t, expected, what);
         }
-        expect_gradients(t, expected, case_name(layout, true) + "mean/std 1e4 ");
     }
 }
 
@@ -464,32 +470,36 @@ TEST(BackwardNumerics, LargeOffsetInX) {
 // simulated, a sequential float32 sum errs by ~1e7 (1%), which puts mean_dy
 // off by ~10 and grad_input off by 1e4 times its bound (~1e-3 |weight *
 // inv_std|: eight roundings of |dy| ~ 1e3). grad_bias's bound is its
-// float32 rounding, ~125.
+// float32 rounding, ~125. Also float16 (float32 blocks merged in double),
+// whose bound is its own rounding of grad_input.
 TEST(BackwardNumerics, LargeCommonOffsetInGradOutput) {
-    for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-        const std::vector<int64_t> shape = layout == Layout::NCHW ? std::vector<int64_t>{16, 2, 256, 257}
-                                                                  : std::vector<int64_t>{16, 256, 257, 2};
-        BackwardCase t(shape, layout, DType::Float32, DType::Float32, true, 43);
-        t.dy = HostTensor(DType::Float32, shape, random_values(t.dy.size(), 1e3, 1, 47));
-        const ReferenceBackward expected = t.reference();
-        t.run();
-        for (size_t c = 0; c < expected.grad_bias.size(); c++) {
-            std::printf("dy offset 1e3 channel %zu: grad_bias %.9g, reference %.9g\n", c, t.grad_bias.get(c),
-                        expected.grad_bias[c]);
+    for (DType dtype : {DType::Float32, DType::Float16}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            const std::vector<int64_t> shape = layout == Layout::NCHW ? std::vector<int64_t>{16, 2, 256, 257}
+                                                                      : std::vector<int64_t>{16, 256, 257, 2};
+            BackwardCase t(shape, layout, dtype, DType::Float32, true, 43);
+            t.dy = HostTensor(dtype, shape, random_values(t.dy.size(), 1e3, 1, 47));
+            const ReferenceBackward expected = t.reference();
+            t.run();
+            for (size_t c = 0; c < expected.grad_bias.size(); c++) {
+                std::printf("dy offset 1e3 channel %zu: grad_bias %.9g, reference %.9g\n", c, t.grad_bias.get(c),
+                            expected.grad_bias[c]);
+            }
+            double worst = 0, largest = 0;
+            for (size_t i = 0; i < expected.grad_input.size(); i++) {
+                worst = std::max(worst, std::abs(t.grad_input.get(i) - expected.grad_input[i]));
+                largest = std::max(largest, std::abs(expected.grad_input[i]));
+            }
+            std::printf("dy offset 1e3: largest |grad_input - reference| %.3g, largest |reference| %.3g\n", worst,
+                        largest);
+            // The offset itself must cost nothing: eight float32 roundings of the
+            // largest value. Where mean_dy reached the elementwise pass as a
+            // float32 (or as a pair hi + lo that the compiler folds back into
+            // one), the error was 2.7e-5 to 4.1e-5 against values of ~3.4.
+            const double rounding = dtype == DType::Float32 ? 8 * unit_roundoff32 : storage_rounding(dtype);
+            EXPECT_LE(worst, rounding * largest) << dtype_label(dtype) << ": grad_input lost precision to dy's offset";
+            expect_gradients(t, expected, dtype_label(dtype) + " " + case_name(layout, true) + "dy offset 1e3 ");
         }
-        double worst = 0, largest = 0;
-        for (size_t i = 0; i < expected.grad_input.size(); i++) {
-            worst = std::max(worst, std::abs(t.grad_input.get(i) - expected.grad_input[i]));
-            largest = std::max(largest, std::abs(expected.grad_input[i]));
-        }
-        std::printf("dy offset 1e3: largest |grad_input - reference| %.3g, largest |reference| %.3g\n", worst,
-                    largest);
-        // The offset itself must cost nothing: eight float32 roundings of the
-        // largest value. Where mean_dy reached the elementwise pass as a
-        // float32 (or as a pair hi + lo that the compiler folds back into
-        // one), the error was 2.7e-5 to 4.1e-5 against values of ~3.4.
-        EXPECT_LE(worst, 8 * unit_roundoff32 * largest) << "grad_input lost precision to dy's offset";
-        expect_gradients(t, expected, case_name(layout, true) + "dy offset 1e3 ");
     }
 }
 
@@ -498,32 +508,34 @@ TEST(BackwardNumerics, LargeCommonOffsetInGradOutput) {
 // the saved mean, so grad_weight is 0, and so is grad_input, mean_dy being
 // exactly 1 (the float32 sum's mean_dy, 2^24 / M, would leave
 // 1.8e-7 * weight * inv_std = 5.4e-7 in every value).
+// float16 too: float32 blocks merged in double.
 TEST(BackwardNumerics, MoreThan2To24ValuesPerChannel) {
     const int64_t m = (int64_t(1) << 24) + 3;
-    for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
-        const std::vector<int64_t> shape =
-            layout == Layout::NCHW ? std::vector<int64_t>{1, 1, m} : std::vector<int64_t>{m, 1};
-        HostTensor x(DType::Float32, shape, std::vector<double>(m, 0.75)),
-            dy(DType::Float32, shape, std::vector<double>(m, 1.0)),
-            grad_input(DType::Float32, shape, std::vector<double>(m, sentinel));
-        HostTensor weight(DType::Float32, {1}, {1.5}), saved_mean(DType::Float32, {1}, {0.75}),
-            saved_inv_std(DType::Float32, {1}, {2.0}), grad_weight(DType::Float32, {1}, {sentinel}),
-            grad_bias(DType::Float32, {1}, {sentinel});
-        hbn::BatchNormOptions options;
-        options.training = true;
-        options.layout = layout;
-        hbn::batch_norm_backward(dy.view(), x.view(), weight.view(), hbn::Tensor{}, hbn::Tensor{}, saved_mean.view(),
-                                 saved_inv_std.view(), grad_input.view(), grad_weight.view(), grad_bias.view(),
-                                 options);
-        std::printf("2^24 + 3 values, dy = 1: grad_bias %.9g\n", grad_bias.get(0));
-        EXPECT_EQ(grad_bias.get(0), static_cast<double>(static_cast<float>(m)))
-            << "grad_bias " << std::to_string(grad_bias.get(0));
-        EXPECT_EQ(grad_weight.get(0), 0.0);
-        size_t nonzero = 0;
-        for (size_t i = 0; i < grad_input.size(); i++) {
-            nonzero += !(std::abs(grad_input.get(i)) <= 1e-9);
+    for (DType dtype : {DType::Float32, DType::Float16}) {
+        for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
+            const std::vector<int64_t> shape =
+                layout == Layout::NCHW ? std::vector<int64_t>{1, 1, m} : std::vector<int64_t>{m, 1};
+            HostTensor x(dtype, shape, std::vector<double>(m, 0.75)), dy(dtype, shape, std::vector<double>(m, 1.0)),
+                grad_input(dtype, shape, std::vector<double>(m, sentinel));
+            HostTensor weight(DType::Float32, {1}, {1.5}), saved_mean(DType::Float32, {1}, {0.75}),
+                saved_inv_std(DType::Float32, {1}, {2.0}), grad_weight(DType::Float32, {1}, {sentinel}),
+                grad_bias(DType::Float32, {1}, {sentinel});
+            hbn::BatchNormOptions options;
+            options.training = true;
+            options.layout = layout;
+            hbn::batch_norm_backward(dy.view(), x.view(), weight.view(), hbn::Tensor{}, hbn::Tensor{},
+                                     saved_mean.view(), saved_inv_std.view(), grad_input.view(), grad_weight.view(),
+                                     grad_bias.view(), options);
+            std::printf("%s: 2^24 + 3 values, dy = 1: grad_bias %.9g\n", dtype_label(dtype).c_str(), grad_bias.get(0));
+            EXPECT_EQ(grad_bias.get(0), static_cast<double>(static_cast<float>(m)))
+                << dtype_label(dtype) << ": grad_bias " << std::to_string(grad_bias.get(0));
+            EXPECT_EQ(grad_weight.get(0), 0.0);
+            size_t nonzero = 0;
+            for (size_t i = 0; i < grad_input.size(); i++) {
+                nonzero += !(std::abs(grad_input.get(i)) <= 1e-9);
+            }
+            EXPECT_EQ(nonzero, 0u) << "grad_input values not 0";
         }
-        EXPECT_EQ(nonzero, 0u) << "grad_input values not 0";
     }
 }
 

@@ -324,7 +324,8 @@ struct BackwardCase {
     // grad_residual is the masked dy itself: exact. Call after run().
     void expect_grad_residual(const std::string &what) const {
         if (adds_residual(epilogue())) {
-            expect_close(grad_residual.values(), normalized_gradient(), 0, what + "grad_residual (the masked grad_output)");
+            expect_close(grad_residual.values(), normalized_gradient(), 0,
+                         what + "grad_residual (the masked grad_output)");
         }
     }
 };
