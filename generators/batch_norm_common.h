@@ -51,28 +51,27 @@ inline int data_dimensions(Layout layout) {
 using ElementTerms = std::function<std::vector<Expr>(const std::vector<Expr> &at, const Type &type)>;
 
 // Per-channel sums, in double, of ElementTerms over every value of a channel
-// (NCHW: (inner, c, n), NHWC: (c, m)). Two ways, which the generator picks by
-// data type:
+// (NCHW: (inner, c, n), NHWC: (c, m)). Two ways, which the generator picks
+// (BatchNormGenerator::sums_in_blocks):
 // - each term in double: exact to double's rounding whatever its range
 //   (float32 and bfloat16, whose terms can overflow float32: |d| > 2^64);
-// - `in_blocks` (float16): the terms in float32, summed over blocks of 8
-//   or 16, and the block sums added in double. float16's terms stay far
-//   inside float32's range (|d| < 2^18), a block's sum rounds to ~2^-24 of
-//   its magnitude, and double carries the merge past 2^24 values and over
-//   large offsets. It spares the compute-bound 16-bit passes most of their
+// - `in_blocks` (float16, NCHW): the terms in float32, summed over blocks of
+//   8, and the block sums added in double. float16's terms stay far inside
+//   float32's range (|d| < 2^18), a block's sum rounds to ~2^-24 of its
+//   magnitude, and double carries the merge past 2^24 values and over large
+//   offsets. It spares the compute-bound 16-bit passes most of their
 //   conversions to double.
-// A block is, in NCHW, the 8 values 16 apart of a 128-value chunk of a row
-// (a lane of 16-wide loads); in NHWC, 16 consecutive rows of a channel. The
-// values past the whole chunks or blocks are summed in double.
+// A block is the 8 values 16 apart of a 128-value chunk of a row (a lane of
+// 16-wide loads). The values past the whole chunks are summed in double.
 class ChannelSums {
 public:
-    static constexpr int lanes = 16, lane_block = 8, chunk = lanes * lane_block, block_rows = 16;
+    static constexpr int lanes = 16, lane_block = 8, chunk = lanes * lane_block;
 
     Func sums{"sums"};      // sums(c): the terms' sums, in double
-    Func blocks{"blocks"};  // in_blocks: NCHW blocks(lane, chunk, c, n), NHWC blocks(c, block)
-    Var lane{"lane"}, chunk_index{"chunk_index"}, item{"item"}, block{"block"};
+    Func blocks{"blocks"};  // in_blocks: blocks(lane, chunk, c, n)
+    Var lane{"lane"}, chunk_index{"chunk_index"}, item{"item"};
     RDom block_values;      // in_blocks: the values of a block
-    RDom whole;             // in_blocks: the blocks, NCHW (lane, chunk, n), NHWC (block)
+    RDom whole;             // in_blocks: the blocks, (lane, chunk, n)
     RDom rest;              // the values summed in double: (inner, n) NCHW, (m) NHWC
     bool in_blocks;
 
@@ -81,40 +80,30 @@ public:
                 const Var &c)
         : in_blocks(in_blocks_) {
         const bool nchw = layout == Layout::NCHW;
-        const Expr row = nchw ? data.dim(0).extent() : data.dim(1).extent();  // the blocked axis
-        const int block_span = nchw ? chunk : block_rows;
-        // The rest keeps at least one value (a whole block where none is
+        const Expr row = nchw ? data.dim(0).extent() : data.dim(1).extent();
+        // The rest keeps at least one value (a whole chunk where none is
         // left over): on an empty RDom at its estimates, Adams2019 fails an
         // internal assertion (LoopNest.cpp, l.max() >= l.min()).
-        const Expr whole_spans = in_blocks ? max(row - 1, 0) / block_span : Expr(0);
-        const Expr first_rest = whole_spans * block_span;
+        const Expr whole_chunks = in_blocks ? max(row - 1, 0) / chunk : Expr(0);
+        const Expr first_rest = whole_chunks * chunk;
         rest = nchw ? RDom(first_rest, row - first_rest, 0, data.dim(2).extent(), "rest")
                     : RDom(first_rest, row - first_rest, "rest");
         sums(c) = zeros(Float(64), term_count);
         if (in_blocks) {
-            block_values = RDom(0, nchw ? lane_block : block_rows, "block_value");
-            const Expr t = block_values.x;
-            std::vector<Expr> block_args, whole_args;
-            if (nchw) {
-                whole = RDom(0, lanes, 0, whole_spans, 0, data.dim(2).extent(), "whole");
-                block_args = {lane, chunk_index, c, item};
-                whole_args = {whole.x, whole.y, c, whole.z};
-                blocks(block_args) = zeros(Float(32), term_count);
-                blocks(block_args) = plus(blocks(block_args), terms({chunk_index * chunk + t * lanes + lane, c, item},
-                                                                    Float(32)));
-            } else {
-                whole = RDom(0, whole_spans, "whole");
-                block_args = {c, block};
-                whole_args = {c, whole.x};
-                blocks(block_args) = zeros(Float(32), term_count);
-                // Blocks past the last whole one, which a schedule's
-                // guarded split may compute but never adds, read the last row.
-                blocks(block_args) =
-                    plus(blocks(block_args), terms({c, min(block * block_rows + t, row - 1)}, Float(32)));
-            }
+            const Expr items = data.dim(2).extent();
+            block_values = RDom(0, lane_block, "block_value");
+            whole = RDom(0, lanes, 0, whole_chunks, 0, items, "whole");
+            const std::vector<Expr> block_args = {lane, chunk_index, c, item};
+            blocks(block_args) = zeros(Float(32), term_count);
+            // Items past the last, which a schedule's guarded split may
+            // compute but never adds, read the last item.
+            blocks(block_args) = plus(blocks(block_args),
+                                      terms({chunk_index * chunk + block_values.x * lanes + lane, c,
+                                             min(item, items - 1)},
+                                            Float(32)));
             std::vector<Expr> block_sums;
             for (size_t i = 0; i < term_count; i++) {
-                block_sums.push_back(cast<double>(Expr(blocks(whole_args)[i])));
+                block_sums.push_back(cast<double>(Expr(blocks(whole.x, whole.y, c, whole.z)[i])));
             }
             sums(c) = plus(sums(c), block_sums);
         }
@@ -184,11 +173,14 @@ protected:
     bool is_16_bit() const {
         return data_type != DataType::Float32;
     }
-    // Whether ChannelSums sums in float32 blocks: float16 data, on the CPU.
-    // (The GPU schedules reduce in double; on a GPU the 16-bit passes are
-    // not held back by the conversions that blocks save.)
+    // Whether ChannelSums sums in float32 blocks: float16 data in NCHW, on
+    // the CPU. (NHWC blocks of 16 rows were 1.2-1.5x faster at the mid size,
+    // but 10-15% slower at the large size, where its four streams of rows in
+    // double read DRAM faster, so NHWC stays in double. The GPU schedules
+    // reduce in double; on a GPU the 16-bit passes are not held back by the
+    // conversions that blocks save.)
     bool sums_in_blocks() const {
-        return data_type == DataType::Float16 && !this->get_target().has_gpu_feature();
+        return data_type == DataType::Float16 && layout == Layout::NCHW && !this->get_target().has_gpu_feature();
     }
     // A stored data value as float32, and a float32 value as stored.
     Expr load_float(const Expr &stored) const {
@@ -380,8 +372,9 @@ inline void schedule_elementwise_gpu(Func output, const DataVars &v, Layout layo
 // too slowly for one stream's hardware prefetch to keep DRAM busy; four
 // streams keep more reads in flight (training, large: 52 -> 45.6 ms; a plain
 // loop of the same shape: 17.4 -> 22 GB/s).
-// The blocks: a chunk's 16 lanes at a time, each block's 8 values unrolled
-// into its lane's float32 accumulators, then added into 16 double ones.
+// The blocks: a chunk's 16 lanes of four rows at a time (streams, as above),
+// each block's 8 values unrolled into its lane's float32 accumulators, then
+// added into double ones.
 inline void schedule_sums_nchw_cpu(ChannelSums &channel, const Var &c, int vector_size,
                                    const std::vector<Expr> &variants = {}) {
     RVar inner_outer, inner_lane, n_outer, n_stream;
@@ -398,14 +391,21 @@ inline void schedule_sums_nchw_cpu(ChannelSums &channel, const Var &c, int vecto
         return;
     }
     const RDom &whole = channel.whole;
-    Var block_lane{"block_lane"};
-    Func block_lane_sums = channel.whole_update().rfactor(whole.x, block_lane);
+    RVar item_outer, item_stream;
+    Var block_lane{"block_lane"}, block_stream{"block_stream"};
+    Func block_lane_sums = channel.whole_update()
+                               .split(whole.z, item_outer, item_stream, 4, TailStrategy::GuardWithIf)
+                               .rfactor({{whole.x, block_lane}, {item_stream, block_stream}});
     block_lane_sums.compute_at(channel.sums, c).vectorize(block_lane);
-    block_lane_sums.update().reorder(block_lane, whole.y, whole.z).vectorize(block_lane);
-    channel.blocks.compute_at(block_lane_sums, whole.y).vectorize(channel.lane);
+    block_lane_sums.update()
+        .reorder(block_lane, block_stream, whole.y, item_outer)
+        .vectorize(block_lane)
+        .unroll(block_stream);
+    channel.blocks.compute_at(block_lane_sums, whole.y).bound_extent(channel.item, 4).vectorize(channel.lane);
     channel.blocks.update()
-        .reorder(channel.lane, channel.block_values.x)
+        .reorder(channel.lane, channel.item, channel.block_values.x)
         .vectorize(channel.lane)
+        .unroll(channel.item)
         .unroll(channel.block_values.x);
     specialize_in_turn(channel.blocks.update(), variants);
 }
@@ -417,46 +417,12 @@ inline void schedule_sums_nchw_cpu(ChannelSums &channel, const Var &c, int vecto
 // are independent (mid 1.94-2.07 ms -> 1.67-1.79 ms, large 65 -> 57 ms,
 // against one vector). In double, the block's four quarters are read side by
 // side, as four streams, for the same reason as NCHW's four rows (large
-// 51-53 -> 45 ms, float16 69-70 -> 51-53 ms). In blocks, each block of 16
-// rows is summed into float32 accumulators, then added into the double ones;
-// the rest, fewer than 16 rows, runs down its rows.
+// 51-53 -> 45 ms, float16 69-70 -> 51-53 ms). (NHWC sums in double: see
+// BatchNormGenerator::sums_in_blocks.)
 inline void schedule_sums_nhwc_cpu(ChannelSums &channel, const Var &c, int vector_size, bool parallel,
                                    const std::vector<Expr> &variants = {}) {
     Var row_block{"row_block"}, c_vector{"c_vector"};
     channel.sums.compute_root();
-    if (channel.in_blocks) {
-        RVar group, block;
-        Func group_sums = channel.whole_update()
-                              .split(channel.whole.x, group, block, 512 / ChannelSums::block_rows,
-                                     TailStrategy::GuardWithIf)
-                              .rfactor(group, row_block);
-        group_sums.compute_root().vectorize(c, vector_size, TailStrategy::GuardWithIf);
-        group_sums.update()
-            .split(c, c_vector, c, vector_size * 4, TailStrategy::GuardWithIf)
-            .reorder(c, block, c_vector, row_block)
-            .vectorize(c);
-        if (parallel) {
-            group_sums.update().parallel(row_block);
-        }
-        // Four vectors' accumulators at a time, independent, in registers.
-        Var c_outer{"c_outer"};
-        // One block at a time, on the stack: bounds inference through the
-        // guarded split would size it for more, on the heap.
-        channel.blocks.compute_at(group_sums, block)
-            .bound_extent(channel.block, 1)
-            .store_in(MemoryType::Stack)
-            .vectorize(c, vector_size, TailStrategy::GuardWithIf);
-        channel.blocks.update()
-            .split(c, c_outer, c, vector_size, TailStrategy::GuardWithIf)
-            .reorder(c, c_outer, channel.block_values.x)
-            .vectorize(c)
-            .unroll(c_outer);
-        specialize_in_turn(channel.blocks.update(), variants);
-        channel.whole_update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
-        channel.rest_update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
-        specialize_in_turn(channel.rest_update(), variants);
-        return;
-    }
     RVar block, row, row_stream;
     Func block_sums = channel.rest_update()
                           .split(channel.rest.x, block, row, 512, TailStrategy::GuardWithIf)

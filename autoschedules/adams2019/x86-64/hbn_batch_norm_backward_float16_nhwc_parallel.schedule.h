@@ -19,23 +19,19 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_residual = hbn_schedules::stage(pipeline, 12, "grad_residual", __FILE__);
-    Func grad_bias = hbn_schedules::stage(pipeline, 11, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 10, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 8, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 6, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 5, "blocks", __FILE__);
-    Var block(blocks.get_schedule().dims()[1].var);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c(grad_residual.get_schedule().dims()[0].var);
     Var ci("ci");
     Var cii("cii");
     Var m(grad_residual.get_schedule().dims()[1].var);
     Var mi("mi");
     Var mii("mii");
-    RVar block_value_x(blocks.update(0).get_schedule().dims()[0].var);
-    RVar rest_x(sums.update(1).get_schedule().dims()[0].var);
-    RVar whole_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar rest_x(sums.update(0).get_schedule().dims()[0].var);
     grad_residual
         .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -82,26 +78,9 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
         .parallel(c);
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
-        .vectorize(cii)
-        .reorder({cii, ci, whole_x, c})
-        .parallel(c);
-    sums.update(1)
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .reorder({ci, rest_x, c})
         .parallel(c);
-    blocks
-        .store_in(MemoryType::Stack)
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .unroll(c)
-        .vectorize(ci)
-        .compute_at(sums, whole_x)
-        .reorder({ci, c, block});
-    blocks.update(0)
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .reorder({ci, c, block, block_value_x});
 
 }
 

@@ -19,21 +19,17 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_residual = hbn_schedules::stage(pipeline, 12, "grad_residual", __FILE__);
-    Func grad_bias = hbn_schedules::stage(pipeline, 11, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 10, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 8, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 6, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 5, "blocks", __FILE__);
-    Var block(blocks.get_schedule().dims()[1].var);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c(grad_residual.get_schedule().dims()[0].var);
     Var ci("ci");
     Var m(grad_residual.get_schedule().dims()[1].var);
     Var mi("mi");
-    RVar block_value_x(blocks.update(0).get_schedule().dims()[0].var);
-    RVar rest_x(sums.update(1).get_schedule().dims()[0].var);
-    RVar whole_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar rest_x(sums.update(0).get_schedule().dims()[0].var);
     grad_residual
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
@@ -68,22 +64,9 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
         .compute_root()
         .reorder({ci, c});
     sums.update(0)
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .reorder({ci, c, whole_x});
-    sums.update(1)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .reorder({ci, rest_x, c});
-    blocks
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .compute_at(sums, whole_x)
-        .reorder({ci, c, block});
-    blocks.update(0)
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .reorder({ci, block_value_x, c, block});
 
 }
 

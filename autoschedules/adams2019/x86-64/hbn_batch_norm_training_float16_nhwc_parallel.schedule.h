@@ -19,26 +19,21 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nhwc
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 12, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 11, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 10, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 8, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 6, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 4, "blocks", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
     Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
-    Var block(blocks.get_schedule().dims()[1].var);
-    Var blocki("blocki");
     Var c(batch_inv_std.get_schedule().dims()[0].var);
     Var ci("ci");
     Var cii("cii");
     Var m(output.get_schedule().dims()[1].var);
     Var mi("mi");
     Var mii("mii");
-    RVar block_value_x(blocks.update(0).get_schedule().dims()[0].var);
-    RVar rest_x(sums.update(1).get_schedule().dims()[0].var);
-    RVar whole_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar rest_x(sums.update(0).get_schedule().dims()[0].var);
     batch_inv_std
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
@@ -96,29 +91,9 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nhwc
         .parallel(c);
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
-        .unroll(ci)
-        .vectorize(cii)
-        .reorder({cii, ci, whole_x, c})
-        .parallel(c);
-    sums.update(1)
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .reorder({ci, rest_x, c})
         .parallel(c);
-    blocks
-        .split(block, block, blocki, 3136, TailStrategy::GuardWithIf)
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .compute_root()
-        .reorder({ci, c, blocki, block})
-        .parallel(block);
-    blocks.update(0)
-        .split(block, block, blocki, 3136, TailStrategy::GuardWithIf)
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .reorder({ci, block_value_x, c, blocki, block})
-        .parallel(block);
     shift
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)

@@ -19,102 +19,73 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float16_nhwc_pa
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_residual = hbn_schedules::stage(pipeline, 12, "grad_residual", __FILE__);
-    Func grad_bias = hbn_schedules::stage(pipeline, 11, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 10, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 8, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 6, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 5, "blocks", __FILE__);
-    Var block("block");
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c("c");
-    Var li_v10("li_v10");
-    Var li_v15("li_v15");
+    Var li_v1("li_v1");
+    Var li_v13("li_v13");
+    Var li_v14("li_v14");
     Var li_v16("li_v16");
-    Var li_v18("li_v18");
+    Var li_v17("li_v17");
     Var li_v19("li_v19");
-    Var li_v21("li_v21");
+    Var li_v2("li_v2");
+    Var li_v20("li_v20");
     Var li_v22("li_v22");
-    Var li_v24("li_v24");
-    Var li_v25("li_v25");
-    Var li_v28("li_v28");
-    Var li_v29("li_v29");
-    Var li_v3("li_v3");
-    Var li_v32("li_v32");
-    Var li_v33("li_v33");
-    Var li_v35("li_v35");
-    Var li_v36("li_v36");
+    Var li_v23("li_v23");
     Var li_v4("li_v4");
-    Var li_v6("li_v6");
+    Var li_v5("li_v5");
     Var li_v7("li_v7");
-    Var li_v9("li_v9");
+    Var li_v8("li_v8");
     Var m("m");
-    RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
-    RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
     grad_residual.compute_root()
-        .split(c,li_v3,li_v4,16,TailStrategy::GuardWithIf)
-        .fuse(li_v3,m,li_v3)
-        .reorder(li_v4,li_v3)
-        .parallel(li_v3,31360,TailStrategy::GuardWithIf)
-        .vectorize(li_v4)
+        .split(c,li_v1,li_v2,16,TailStrategy::GuardWithIf)
+        .fuse(li_v1,m,li_v1)
+        .reorder(li_v2,li_v1)
+        .parallel(li_v1,31360,TailStrategy::GuardWithIf)
+        .vectorize(li_v2)
     ;
     grad_bias.compute_root()
-        .split(c,li_v6,li_v7,4,TailStrategy::GuardWithIf)
-        .reorder(li_v7,li_v6)
-        .parallel(li_v6,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v7)
+        .split(c,li_v4,li_v5,4,TailStrategy::GuardWithIf)
+        .reorder(li_v5,li_v4)
+        .parallel(li_v4,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v5)
     ;
     grad_weight.compute_root()
-        .split(c,li_v9,li_v10,4,TailStrategy::GuardWithIf)
-        .reorder(li_v10,li_v9)
-        .parallel(li_v9,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v10)
+        .split(c,li_v7,li_v8,4,TailStrategy::GuardWithIf)
+        .reorder(li_v8,li_v7)
+        .parallel(li_v7,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v8)
     ;
     // inv_std_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     output.compute_root()
-        .split(c,li_v15,li_v16,16,TailStrategy::GuardWithIf)
-        .fuse(li_v15,m,li_v15)
-        .reorder(li_v16,li_v15)
-        .parallel(li_v15,31360,TailStrategy::GuardWithIf)
-        .vectorize(li_v16)
+        .split(c,li_v13,li_v14,16,TailStrategy::GuardWithIf)
+        .fuse(li_v13,m,li_v13)
+        .reorder(li_v14,li_v13)
+        .parallel(li_v13,31360,TailStrategy::GuardWithIf)
+        .vectorize(li_v14)
     ;
     terms.compute_root()
-        .split(c,li_v18,li_v19,4,TailStrategy::GuardWithIf)
-        .reorder(li_v19,li_v18)
-        .parallel(li_v18,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v19)
+        .split(c,li_v16,li_v17,4,TailStrategy::GuardWithIf)
+        .reorder(li_v17,li_v16)
+        .parallel(li_v16,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v17)
     ;
     sums.compute_root()
-        .split(c,li_v21,li_v22,4,TailStrategy::GuardWithIf)
-        .reorder(li_v22,li_v21)
-        .parallel(li_v21,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v22)
+        .split(c,li_v19,li_v20,4,TailStrategy::GuardWithIf)
+        .reorder(li_v20,li_v19)
+        .parallel(li_v19,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v20)
     ;
     sums.update(0)
-        .split(c,li_v24,li_v25,4,TailStrategy::GuardWithIf)
-        .reorder(whole$x,li_v25,li_v24)
-        .parallel(li_v24,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v25)
-    ;
-    sums.update(1)
-        .split(c,li_v28,li_v29,4,TailStrategy::GuardWithIf)
-        .reorder(rest$x,li_v29,li_v28)
-        .parallel(li_v28,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v29)
-    ;
-    blocks.compute_root()
-        .split(c,li_v32,li_v33,8,TailStrategy::GuardWithIf)
-        .fuse(li_v32,block,li_v32)
-        .reorder(li_v33,li_v32)
-        .parallel(li_v32,3527,TailStrategy::GuardWithIf)
-        .vectorize(li_v33)
-    ;
-    blocks.update(0)
-        .split(c,li_v35,li_v36,8,TailStrategy::GuardWithIf)
-        .fuse(li_v35,block,li_v35)
-        .reorder(li_v36,li_v35)
-        .parallel(li_v35,3527,TailStrategy::GuardWithIf)
-        .vectorize(li_v36)
+        .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
+        .reorder(rest$x,li_v23,li_v22)
+        .parallel(li_v22,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v23)
     ;
     // mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     // grad_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.

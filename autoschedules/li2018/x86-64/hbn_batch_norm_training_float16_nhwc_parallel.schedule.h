@@ -19,118 +19,89 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_pa
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 12, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 11, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 10, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 8, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 6, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 4, "blocks", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
     Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
-    Var block("block");
     Var c("c");
-    Var li_v11("li_v11");
+    Var li_v1("li_v1");
+    Var li_v10("li_v10");
     Var li_v12("li_v12");
-    Var li_v14("li_v14");
+    Var li_v13("li_v13");
     Var li_v15("li_v15");
-    Var li_v17("li_v17");
+    Var li_v16("li_v16");
     Var li_v18("li_v18");
-    Var li_v20("li_v20");
+    Var li_v19("li_v19");
+    Var li_v2("li_v2");
     Var li_v21("li_v21");
-    Var li_v23("li_v23");
-    Var li_v24("li_v24");
-    Var li_v27("li_v27");
-    Var li_v28("li_v28");
+    Var li_v22("li_v22");
+    Var li_v25("li_v25");
+    Var li_v26("li_v26");
     Var li_v3("li_v3");
-    Var li_v31("li_v31");
-    Var li_v32("li_v32");
-    Var li_v34("li_v34");
-    Var li_v35("li_v35");
-    Var li_v37("li_v37");
-    Var li_v38("li_v38");
     Var li_v4("li_v4");
-    Var li_v5("li_v5");
     Var li_v6("li_v6");
-    Var li_v8("li_v8");
+    Var li_v7("li_v7");
     Var li_v9("li_v9");
     Var m("m");
-    RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
-    RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
     batch_inv_std.compute_root()
-        .split(c,li_v3,li_v4,8,TailStrategy::GuardWithIf)
-        .reorder(li_v4,li_v3)
-        .parallel(li_v3)
-        .vectorize(li_v4)
+        .split(c,li_v1,li_v2,8,TailStrategy::GuardWithIf)
+        .reorder(li_v2,li_v1)
+        .parallel(li_v1)
+        .vectorize(li_v2)
     ;
     batch_var.compute_root()
-        .split(c,li_v5,li_v6,4,TailStrategy::GuardWithIf)
-        .reorder(li_v6,li_v5)
-        .parallel(li_v5,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v6)
+        .split(c,li_v3,li_v4,4,TailStrategy::GuardWithIf)
+        .reorder(li_v4,li_v3)
+        .parallel(li_v3,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v4)
     ;
     batch_mean.compute_root()
-        .split(c,li_v8,li_v9,4,TailStrategy::GuardWithIf)
-        .reorder(li_v9,li_v8)
-        .parallel(li_v8,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v9)
+        .split(c,li_v6,li_v7,4,TailStrategy::GuardWithIf)
+        .reorder(li_v7,li_v6)
+        .parallel(li_v6,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v7)
     ;
     output.compute_root()
-        .split(c,li_v11,li_v12,16,TailStrategy::GuardWithIf)
-        .fuse(li_v11,m,li_v11)
-        .reorder(li_v12,li_v11)
-        .parallel(li_v11,31360,TailStrategy::GuardWithIf)
-        .vectorize(li_v12)
+        .split(c,li_v9,li_v10,16,TailStrategy::GuardWithIf)
+        .fuse(li_v9,m,li_v9)
+        .reorder(li_v10,li_v9)
+        .parallel(li_v9,31360,TailStrategy::GuardWithIf)
+        .vectorize(li_v10)
     ;
     scale.compute_root()
-        .split(c,li_v14,li_v15,4,TailStrategy::GuardWithIf)
-        .reorder(li_v15,li_v14)
-        .parallel(li_v14,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v15)
+        .split(c,li_v12,li_v13,4,TailStrategy::GuardWithIf)
+        .reorder(li_v13,li_v12)
+        .parallel(li_v12,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v13)
     ;
     statistics.compute_root()
-        .split(c,li_v17,li_v18,4,TailStrategy::GuardWithIf)
-        .reorder(li_v18,li_v17)
-        .parallel(li_v17,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v18)
+        .split(c,li_v15,li_v16,4,TailStrategy::GuardWithIf)
+        .reorder(li_v16,li_v15)
+        .parallel(li_v15,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v16)
     ;
     sums.compute_root()
-        .split(c,li_v20,li_v21,4,TailStrategy::GuardWithIf)
-        .reorder(li_v21,li_v20)
-        .parallel(li_v20,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v21)
+        .split(c,li_v18,li_v19,4,TailStrategy::GuardWithIf)
+        .reorder(li_v19,li_v18)
+        .parallel(li_v18,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v19)
     ;
     sums.update(0)
-        .split(c,li_v23,li_v24,4,TailStrategy::GuardWithIf)
-        .reorder(whole$x,li_v24,li_v23)
-        .parallel(li_v23,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v24)
-    ;
-    sums.update(1)
-        .split(c,li_v27,li_v28,4,TailStrategy::GuardWithIf)
-        .reorder(rest$x,li_v28,li_v27)
-        .parallel(li_v27,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v28)
-    ;
-    blocks.compute_root()
-        .split(c,li_v31,li_v32,8,TailStrategy::GuardWithIf)
-        .fuse(li_v31,block,li_v31)
-        .reorder(li_v32,li_v31)
-        .parallel(li_v31,3527,TailStrategy::GuardWithIf)
-        .vectorize(li_v32)
-    ;
-    blocks.update(0)
-        .split(c,li_v34,li_v35,8,TailStrategy::GuardWithIf)
-        .fuse(li_v34,block,li_v34)
-        .reorder(li_v35,li_v34)
-        .parallel(li_v34,3527,TailStrategy::GuardWithIf)
-        .vectorize(li_v35)
+        .split(c,li_v21,li_v22,4,TailStrategy::GuardWithIf)
+        .reorder(rest$x,li_v22,li_v21)
+        .parallel(li_v21,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v22)
     ;
     shift.compute_root()
-        .split(c,li_v37,li_v38,8,TailStrategy::GuardWithIf)
-        .reorder(li_v38,li_v37)
-        .parallel(li_v37)
-        .vectorize(li_v38)
+        .split(c,li_v25,li_v26,8,TailStrategy::GuardWithIf)
+        .reorder(li_v26,li_v25)
+        .parallel(li_v25)
+        .vectorize(li_v26)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 

@@ -19,106 +19,80 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_se
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 12, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 11, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 10, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 8, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 6, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 4, "blocks", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
     Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
-    Var block("block");
     Var c("c");
+    Var li_v1("li_v1");
     Var li_v10("li_v10");
-    Var li_v12("li_v12");
+    Var li_v11("li_v11");
     Var li_v13("li_v13");
-    Var li_v15("li_v15");
+    Var li_v14("li_v14");
     Var li_v16("li_v16");
-    Var li_v18("li_v18");
+    Var li_v17("li_v17");
     Var li_v19("li_v19");
-    Var li_v21("li_v21");
+    Var li_v2("li_v2");
+    Var li_v20("li_v20");
     Var li_v22("li_v22");
-    Var li_v24("li_v24");
-    Var li_v25("li_v25");
-    Var li_v28("li_v28");
-    Var li_v29("li_v29");
-    Var li_v3("li_v3");
-    Var li_v32("li_v32");
-    Var li_v33("li_v33");
-    Var li_v35("li_v35");
-    Var li_v36("li_v36");
-    Var li_v38("li_v38");
-    Var li_v39("li_v39");
+    Var li_v23("li_v23");
+    Var li_v26("li_v26");
+    Var li_v27("li_v27");
     Var li_v4("li_v4");
-    Var li_v6("li_v6");
+    Var li_v5("li_v5");
     Var li_v7("li_v7");
-    Var li_v9("li_v9");
+    Var li_v8("li_v8");
     Var m("m");
-    RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
-    RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
     batch_inv_std.compute_root()
-        .split(c,li_v3,li_v4,8,TailStrategy::GuardWithIf)
-        .reorder(li_v4,li_v3)
-        .vectorize(li_v4)
+        .split(c,li_v1,li_v2,8,TailStrategy::GuardWithIf)
+        .reorder(li_v2,li_v1)
+        .vectorize(li_v2)
     ;
     batch_var.compute_root()
-        .split(c,li_v6,li_v7,4,TailStrategy::GuardWithIf)
-        .reorder(li_v7,li_v6)
-        .vectorize(li_v7)
+        .split(c,li_v4,li_v5,4,TailStrategy::GuardWithIf)
+        .reorder(li_v5,li_v4)
+        .vectorize(li_v5)
     ;
     batch_mean.compute_root()
-        .split(c,li_v9,li_v10,4,TailStrategy::GuardWithIf)
-        .reorder(li_v10,li_v9)
-        .vectorize(li_v10)
+        .split(c,li_v7,li_v8,4,TailStrategy::GuardWithIf)
+        .reorder(li_v8,li_v7)
+        .vectorize(li_v8)
     ;
     output.compute_root()
-        .split(c,li_v12,li_v13,16,TailStrategy::GuardWithIf)
-        .fuse(li_v12,m,li_v12)
-        .reorder(li_v13,li_v12)
-        .vectorize(li_v13)
+        .split(c,li_v10,li_v11,16,TailStrategy::GuardWithIf)
+        .fuse(li_v10,m,li_v10)
+        .reorder(li_v11,li_v10)
+        .vectorize(li_v11)
     ;
     scale.compute_root()
-        .split(c,li_v15,li_v16,4,TailStrategy::GuardWithIf)
-        .reorder(li_v16,li_v15)
-        .vectorize(li_v16)
+        .split(c,li_v13,li_v14,4,TailStrategy::GuardWithIf)
+        .reorder(li_v14,li_v13)
+        .vectorize(li_v14)
     ;
     statistics.compute_root()
-        .split(c,li_v18,li_v19,4,TailStrategy::GuardWithIf)
-        .reorder(li_v19,li_v18)
-        .vectorize(li_v19)
+        .split(c,li_v16,li_v17,4,TailStrategy::GuardWithIf)
+        .reorder(li_v17,li_v16)
+        .vectorize(li_v17)
     ;
     sums.compute_root()
-        .split(c,li_v21,li_v22,4,TailStrategy::GuardWithIf)
-        .reorder(li_v22,li_v21)
-        .vectorize(li_v22)
+        .split(c,li_v19,li_v20,4,TailStrategy::GuardWithIf)
+        .reorder(li_v20,li_v19)
+        .vectorize(li_v20)
     ;
     sums.update(0)
-        .split(c,li_v24,li_v25,4,TailStrategy::GuardWithIf)
-        .reorder(whole$x,li_v25,li_v24)
-        .vectorize(li_v25)
-    ;
-    sums.update(1)
-        .split(c,li_v28,li_v29,4,TailStrategy::GuardWithIf)
-        .reorder(rest$x,li_v29,li_v28)
-        .vectorize(li_v29)
-    ;
-    blocks.compute_root()
-        .split(c,li_v32,li_v33,8,TailStrategy::GuardWithIf)
-        .fuse(li_v32,block,li_v32)
-        .reorder(li_v33,li_v32)
-        .vectorize(li_v33)
-    ;
-    blocks.update(0)
-        .split(c,li_v35,li_v36,8,TailStrategy::GuardWithIf)
-        .fuse(li_v35,block,li_v35)
-        .reorder(li_v36,li_v35)
-        .vectorize(li_v36)
+        .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
+        .reorder(rest$x,li_v23,li_v22)
+        .vectorize(li_v23)
     ;
     shift.compute_root()
-        .split(c,li_v38,li_v39,8,TailStrategy::GuardWithIf)
-        .reorder(li_v39,li_v38)
-        .vectorize(li_v39)
+        .split(c,li_v26,li_v27,8,TailStrategy::GuardWithIf)
+        .reorder(li_v27,li_v26)
+        .vectorize(li_v27)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 

@@ -19,29 +19,15 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_float16_
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Var block("block");
     Var c_vi("c_vi");
     Var c_vo("c_vo");
 
-    Func blocks = hbn_schedules::stage(pipeline, 5, "blocks", __FILE__);
-    Func grad_bias = hbn_schedules::stage(pipeline, 11, "grad_bias", __FILE__);
-    Func grad_residual = hbn_schedules::stage(pipeline, 12, "grad_residual", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 10, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 6, "sums", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
 
-    {
-        Var c = blocks.args()[0];
-        RVar block_value$x(blocks.update(0).get_schedule().rvars()[0].var);
-        blocks
-            .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(c_vi);
-        blocks.update(0)
-            .reorder(c, block_value$x, block)
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(c_vi);
-    }
     {
         Var c = grad_bias.args()[0];
         grad_bias
@@ -72,17 +58,12 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_float16_
     }
     {
         Var c = sums.args()[0];
-        RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
-        RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
+        RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
         sums.update(0)
-            .reorder(c, whole$x)
-            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
-            .vectorize(c_vi);
-        sums.update(1)
             .reorder(c, rest$x)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);

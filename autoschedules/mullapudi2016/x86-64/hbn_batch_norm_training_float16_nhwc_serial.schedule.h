@@ -19,19 +19,17 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Var block("block");
     Var c_vi("c_vi");
     Var c_vo("c_vo");
 
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 12, "batch_inv_std", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 10, "batch_mean", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 11, "batch_var", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 4, "blocks", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 8, "scale", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
     Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 6, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
 
     {
         Var c = batch_inv_std.args()[0];
@@ -52,18 +50,6 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
         batch_var
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
-            .vectorize(c_vi);
-    }
-    {
-        Var c = blocks.args()[0];
-        RVar block_value$x(blocks.update(0).get_schedule().rvars()[0].var);
-        blocks
-            .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(c_vi);
-        blocks.update(0)
-            .reorder(c, block_value$x, block)
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }
     {
@@ -96,17 +82,12 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
     }
     {
         Var c = sums.args()[0];
-        RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
-        RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
+        RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
         sums.update(0)
-            .reorder(c, whole$x)
-            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
-            .vectorize(c_vi);
-        sums.update(1)
             .reorder(c, rest$x)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
