@@ -46,17 +46,15 @@ public:
         const Var c = v.c;
 
         // Algorithm
-        // sum(dy) and sum(dy * (x - mean)), in double (see ChannelSums): they
-        // stay exact to ~1e-9 for more than 2^24 values, a mean/std ratio of
-        // 1e4 in x, or a large common offset in dy, where float32 sums are not.
-        ChannelSums channel(input, layout, sums_in_blocks(), 2,
-                            [&](const std::vector<Expr> &at, const Type &type) -> std::vector<Expr> {
-                                const Expr dy = cast(type, normalized_gradient(at));
-                                const Expr centered = cast(type, load_float(input(at))) -
-                                                      cast(type, mean(at[layout == Layout::NCHW ? 1 : 0]));
-                                return {dy, dy * centered};
-                            }, c);
-        Func sums = channel.sums;
+        // sum(dy) and sum(dy * (x - mean)), accumulated in double: they stay
+        // exact to ~1e-9 for more than 2^24 values, a mean/std ratio of 1e4
+        // in x, or a large common offset in dy, where float32 sums are not.
+        const ChannelValues values(input, layout);
+        const Expr channel_dy = cast<double>(normalized_gradient(values.of(c)));
+        const Expr channel_centered = cast<double>(load_float(input(values.of(c)))) - mean(c);
+        Func sums{"sums"};
+        sums(c) = Tuple(cast<double>(0), cast<double>(0));
+        sums(c) = Tuple(sums(c)[0] + channel_dy, sums(c)[1] + channel_dy * channel_centered);
         grad_bias(c) = sums(c)[0];
         grad_weight(c) = sums(c)[1] * inv_std(c);
 
@@ -99,13 +97,13 @@ public:
         // ReLU variant.
         const std::vector<Expr> variants = {in_double, relu, training};
         if (get_target().has_gpu_feature()) {
-            schedule_sums_gpu(channel, c, layout, {relu});
+            schedule_sums_gpu(sums, values.r, c, layout, {relu});
             schedule_per_channel_gpu({terms}, c);
             schedule_per_channel_gpu(channel_outputs, c);
             schedule_elementwise_gpu(output, v, layout, variants);
             schedule_elementwise_gpu(grad_residual, v, layout, {relu});
         } else if (layout == Layout::NCHW) {
-            schedule_sums_nchw_cpu(channel, c, vector_size, {relu});
+            schedule_sums_nchw_cpu(sums, values.r, c, vector_size, {relu});
             schedule_slab_by_slab_cpu(output, channel_outputs, {sums, terms}, v, parallel, vector_size, variants);
             // Row by row with grad_input's pass, which has just read its dy
             // and y. (compute_with takes no specializations: the mask stays a
@@ -117,7 +115,7 @@ public:
             grad_residual.compute_with(output, v.n);
         } else {
             // Both sums first, then the elementwise pass.
-            schedule_sums_nhwc_cpu(channel, c, vector_size, parallel, {relu});
+            schedule_sums_nhwc_cpu(sums, values.r, c, vector_size, parallel, {relu});
             terms.compute_root();
             schedule_elementwise_cpu(output, v, layout, parallel, get_target(), variants);
             // Block by block with grad_input's pass (see NCHW's).

@@ -7,7 +7,6 @@
 #include "checked_in_schedule.h"
 #include "data_types.h"
 
-#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -46,85 +45,24 @@ inline int data_dimensions(Layout layout) {
     return layout == Layout::NCHW ? 3 : 2;
 }
 
-// The terms a reduction sums for the element at buffer arguments `at`
-// (training: d and d^2; backward: dy and dy * (x - mean)), computed in `type`.
-using ElementTerms = std::function<std::vector<Expr>(const std::vector<Expr> &at, const Type &type)>;
-
-// Per-channel sums, in double, of ElementTerms over every value of a channel
-// (NCHW: (inner, c, n), NHWC: (c, m)). Two ways, which the generator picks
-// (BatchNormGenerator::sums_in_blocks):
-// - each term in double: exact to double's rounding whatever its range
-//   (float32 and bfloat16, whose terms can overflow float32: |d| > 2^64);
-// - `in_blocks` (float16, NCHW): the terms in float32, summed over blocks of
-//   8, and the block sums added in double. float16's terms stay far inside
-//   float32's range (|d| < 2^18), a block's sum rounds to ~2^-24 of its
-//   magnitude, and double carries the merge past 2^24 values and over large
-//   offsets. It spares the compute-bound 16-bit passes most of their
-//   conversions to double.
-// A block is the 8 values 16 apart of a 128-value chunk of a row (a lane of
-// 16-wide loads). The values past the whole chunks are summed in double.
-class ChannelSums {
-public:
-    static constexpr int lanes = 16, lane_block = 8, chunk = lanes * lane_block;
-
-    Func sums{"sums"};      // sums(c): the terms' sums, in double
-    Func blocks{"blocks"};  // in_blocks: blocks(lane, chunk, c, n)
-    Var lane{"lane"}, chunk_index{"chunk_index"}, item{"item"};
-    RDom block_values;      // in_blocks: the values of a block
-    RDom whole;             // in_blocks: the blocks, (lane, chunk, n)
-    RDom rest;              // the values summed in double: (inner, n) NCHW, (m) NHWC
-    bool in_blocks;
+// Every value of a channel: NCHW (r.x, c, r.y) over (inner, n); NHWC
+// (c, r.x) over m. The reductions run over `r`.
+struct ChannelValues {
+    RDom r;
+    Layout layout;
 
     template<typename InputBuffer>
-    ChannelSums(const InputBuffer &data, Layout layout, bool in_blocks_, size_t term_count, const ElementTerms &terms,
-                const Var &c)
-        : in_blocks(in_blocks_) {
-        const bool nchw = layout == Layout::NCHW;
-        const Expr row = nchw ? data.dim(0).extent() : data.dim(1).extent();
-        // The rest keeps at least one value (a whole chunk where none is
-        // left over): on an empty RDom at its estimates, Adams2019 fails an
-        // internal assertion (LoopNest.cpp, l.max() >= l.min()).
-        const Expr whole_chunks = in_blocks ? max(row - 1, 0) / chunk : Expr(0);
-        const Expr first_rest = whole_chunks * chunk;
-        rest = nchw ? RDom(first_rest, row - first_rest, 0, data.dim(2).extent(), "rest")
-                    : RDom(first_rest, row - first_rest, "rest");
-        sums(c) = zeros(Float(64), term_count);
-        if (in_blocks) {
-            const Expr items = data.dim(2).extent();
-            block_values = RDom(0, lane_block, "block_value");
-            whole = RDom(0, lanes, 0, whole_chunks, 0, items, "whole");
-            const std::vector<Expr> block_args = {lane, chunk_index, c, item};
-            blocks(block_args) = zeros(Float(32), term_count);
-            // Items past the last, which a schedule's guarded split may
-            // compute but never adds, read the last item.
-            blocks(block_args) = plus(blocks(block_args),
-                                      terms({chunk_index * chunk + block_values.x * lanes + lane, c,
-                                             min(item, items - 1)},
-                                            Float(32)));
-            std::vector<Expr> block_sums;
-            for (size_t i = 0; i < term_count; i++) {
-                block_sums.push_back(cast<double>(Expr(blocks(whole.x, whole.y, c, whole.z)[i])));
-            }
-            sums(c) = plus(sums(c), block_sums);
-        }
-        sums(c) = plus(sums(c), terms(nchw ? std::vector<Expr>{rest.x, c, rest.y} : std::vector<Expr>{c, rest.x},
-                                      Float(64)));
-    }
+    ChannelValues(const InputBuffer &data, Layout layout_)
+        : r(layout_ == Layout::NCHW ? RDom(0, data.dim(0).extent(), 0, data.dim(2).extent())
+                                    : RDom(0, data.dim(1).extent())),
+          layout(layout_) {}
 
-    // The update stages: over the whole blocks (in_blocks), and over the rest.
-    Stage whole_update() { return sums.update(0); }
-    Stage rest_update() { return sums.update(in_blocks ? 1 : 0); }
-
-private:
-    static Tuple zeros(const Type &type, size_t count) {
-        return Tuple(std::vector<Expr>(count, cast(type, 0)));
-    }
-    static Tuple plus(const FuncRef &sum, const std::vector<Expr> &terms) {
-        std::vector<Expr> result;
-        for (size_t i = 0; i < terms.size(); i++) {
-            result.push_back(Expr(sum[i]) + terms[i]);
+    // The buffer arguments of channel c's value r.
+    std::vector<Expr> of(const Expr &c) const {
+        if (layout == Layout::NCHW) {
+            return {r.x, c, r.y};
         }
-        return Tuple(result);
+        return {c, r.x};
     }
 };
 
@@ -172,15 +110,6 @@ protected:
     // 2^-8) dwarfs float32 arithmetic's error.
     bool is_16_bit() const {
         return data_type != DataType::Float32;
-    }
-    // Whether ChannelSums sums in float32 blocks: float16 data in NCHW, on
-    // the CPU. (NHWC blocks of 16 rows were 1.2-1.5x faster at the mid size,
-    // but 10-15% slower at the large size, where its four streams of rows in
-    // double read DRAM faster, so NHWC stays in double. The GPU schedules
-    // reduce in double; on a GPU the 16-bit passes are not held back by the
-    // conversions that blocks save.)
-    bool sums_in_blocks() const {
-        return data_type == DataType::Float16 && layout == Layout::NCHW && !this->get_target().has_gpu_feature();
     }
     // A stored data value as float32, and a float32 value as stored.
     Expr load_float(const Expr &stored) const {
@@ -360,54 +289,29 @@ inline void schedule_elementwise_gpu(Func output, const DataVars &v, Layout layo
     specialize_in_turn(output, variants);
 }
 
-// Schedules of ChannelSums, shared by the pipelines that reduce every value
-// of a channel (training: sum(d), sum(d^2); backward: sum(dy),
-// sum(dy * (x - mean))). `variants` specialize the stages that read every
-// value (specialize_in_turn).
+// Schedules of the per-channel sums, `sums(c)` with one update over a
+// ChannelValues' `r`, shared by the pipelines that reduce every value of a
+// channel (training: sum(d), sum(d^2); backward: sum(dy), sum(dy * (x - mean))).
+// `variants` specialize the stage that reads every value (specialize_in_turn).
 
-// CPU, NCHW, with `sums` computed per channel inside the caller's loop.
-// The values summed in double: vector lanes along the dense inner axis, and
-// the slab's rows (images n) four at a time, read side by side into their
-// own accumulators. A loop this heavy in double arithmetic issues its loads
-// too slowly for one stream's hardware prefetch to keep DRAM busy; four
-// streams keep more reads in flight (training, large: 52 -> 45.6 ms; a plain
-// loop of the same shape: 17.4 -> 22 GB/s).
-// The blocks: a chunk's 16 lanes of four rows at a time (streams, as above),
-// each block's 8 values unrolled into its lane's float32 accumulators, then
-// added into double ones.
-inline void schedule_sums_nchw_cpu(ChannelSums &channel, const Var &c, int vector_size,
+// CPU, NCHW, with `sums` computed per channel inside the caller's loop: vector
+// lanes along the dense inner axis, and the slab's rows (images n) four at a
+// time, read side by side into their own accumulators. A loop this heavy in
+// double arithmetic issues its loads too slowly for one stream's hardware
+// prefetch to keep DRAM busy; four streams keep more reads in flight
+// (training, large: 52 -> 45.6 ms; a plain loop of the same shape: 17.4 ->
+// 22 GB/s).
+inline void schedule_sums_nchw_cpu(Func sums, const RDom &r, const Var &c, int vector_size,
                                    const std::vector<Expr> &variants = {}) {
     RVar inner_outer, inner_lane, n_outer, n_stream;
     Var lane{"lane"}, stream{"stream"};
-    const RDom &r = channel.rest;
-    Func lane_sums = channel.rest_update()
+    Func lane_sums = sums.update()
                          .split(r.x, inner_outer, inner_lane, vector_size, TailStrategy::GuardWithIf)
                          .split(r.y, n_outer, n_stream, 4, TailStrategy::GuardWithIf)
                          .rfactor({{inner_lane, lane}, {n_stream, stream}});
-    lane_sums.compute_at(channel.sums, c).vectorize(lane);
+    lane_sums.compute_at(sums, c).vectorize(lane);
     lane_sums.update().reorder(lane, stream, inner_outer, n_outer).vectorize(lane).unroll(stream);
     specialize_in_turn(lane_sums.update(), variants);
-    if (!channel.in_blocks) {
-        return;
-    }
-    const RDom &whole = channel.whole;
-    RVar item_outer, item_stream;
-    Var block_lane{"block_lane"}, block_stream{"block_stream"};
-    Func block_lane_sums = channel.whole_update()
-                               .split(whole.z, item_outer, item_stream, 4, TailStrategy::GuardWithIf)
-                               .rfactor({{whole.x, block_lane}, {item_stream, block_stream}});
-    block_lane_sums.compute_at(channel.sums, c).vectorize(block_lane);
-    block_lane_sums.update()
-        .reorder(block_lane, block_stream, whole.y, item_outer)
-        .vectorize(block_lane)
-        .unroll(block_stream);
-    channel.blocks.compute_at(block_lane_sums, whole.y).bound_extent(channel.item, 4).vectorize(channel.lane);
-    channel.blocks.update()
-        .reorder(channel.lane, channel.item, channel.block_values.x)
-        .vectorize(channel.lane)
-        .unroll(channel.item)
-        .unroll(channel.block_values.x);
-    specialize_in_turn(channel.blocks.update(), variants);
 }
 
 // CPU, NHWC (channels are the dense axis), computed at root: in parallel over
@@ -415,17 +319,15 @@ inline void schedule_sums_nchw_cpu(ChannelSums &channel, const Var &c, int vecto
 // 512 to 2048). Within a block, four vectors of channels at a time run down
 // the rows, so that their accumulators stay in registers, and more of them
 // are independent (mid 1.94-2.07 ms -> 1.67-1.79 ms, large 65 -> 57 ms,
-// against one vector). In double, the block's four quarters are read side by
-// side, as four streams, for the same reason as NCHW's four rows (large
-// 51-53 -> 45 ms, float16 69-70 -> 51-53 ms). (NHWC sums in double: see
-// BatchNormGenerator::sums_in_blocks.)
-inline void schedule_sums_nhwc_cpu(ChannelSums &channel, const Var &c, int vector_size, bool parallel,
+// against one vector). The block's four quarters are read side by side, as
+// four streams, for the same reason as NCHW's four rows (large 51-53 -> 45
+// ms, float16 69-70 -> 51-53 ms).
+inline void schedule_sums_nhwc_cpu(Func sums, const RDom &r, const Var &c, int vector_size, bool parallel,
                                    const std::vector<Expr> &variants = {}) {
-    Var row_block{"row_block"}, c_vector{"c_vector"};
-    channel.sums.compute_root();
     RVar block, row, row_stream;
-    Func block_sums = channel.rest_update()
-                          .split(channel.rest.x, block, row, 512, TailStrategy::GuardWithIf)
+    Var row_block{"row_block"}, c_vector{"c_vector"};
+    Func block_sums = sums.update()
+                          .split(r.x, block, row, 512, TailStrategy::GuardWithIf)
                           .rfactor(block, row_block);
     block_sums.compute_root().vectorize(c, vector_size, TailStrategy::GuardWithIf);
     block_sums.update()
@@ -438,18 +340,15 @@ inline void schedule_sums_nhwc_cpu(ChannelSums &channel, const Var &c, int vecto
         block_sums.update().parallel(row_block);
     }
     specialize_in_turn(block_sums.update(), variants);
-    channel.rest_update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
+    sums.compute_root().update().vectorize(c, vector_size, TailStrategy::GuardWithIf);
 }
 
 // GPU, computed at root in two kernels: partial sums over slices of each
 // channel, in parallel over channels and slices, then a thread per channel
 // adds its partials. Threads on neighbouring addresses, so that loads
 // coalesce.
-// (GPU pipelines sum in double: `channel` has no blocks.)
-inline void schedule_sums_gpu(ChannelSums &channel, const Var &c, Layout layout,
+inline void schedule_sums_gpu(Func sums, const RDom &r, const Var &c, Layout layout,
                               const std::vector<Expr> &variants = {}) {
-    Func sums = channel.sums;
-    const RDom &r = channel.rest;
     Var part{"part"}, c_block{"c_block"}, c_thread{"c_thread"};
     Func partial_sums;
     if (layout == Layout::NCHW) {

@@ -28,8 +28,10 @@ public:
         const Var c = v.c;
 
         // Algorithm
-        // One value of channel c to shift by.
+        // Every value of channel c, and one of them to shift by.
         const bool nchw = layout == Layout::NCHW;
+        const ChannelValues values(input, layout);
+        const Expr channel_value = load_float(input(values.of(c)));
         // An infinite first value would make every d NaN (inf - inf), where
         // the channel's mean is infinite: a non-finite shift becomes 0. The
         // test is on the bits, since Halide compiles floats with LLVM's
@@ -37,18 +39,16 @@ public:
         const Expr first_bits =
             reinterpret<uint32_t>(load_float(nchw ? input(0, c, 0) : input(c, 0)));
         const Expr first_is_finite = (first_bits & 0x7f800000) != 0x7f800000;
-        Func shift{"shift"};  // as float32
-        shift(c) = reinterpret<float>(select(first_is_finite, first_bits, cast<uint32_t>(0)));
+        Func shift{"shift"};
+        shift(c) = cast<double>(reinterpret<float>(select(first_is_finite, first_bits, cast<uint32_t>(0))));
 
-        // Shifted sums, sum(d) and sum(d^2) with d = x - shift, in double
-        // (see ChannelSums). Double keeps E[d^2] - E[d]^2 exact to ~1e-9 even
-        // for mean/std ratios of 1e4 and more than 2^24 values, in one read of x.
-        ChannelSums channel(input, layout, sums_in_blocks(), 2,
-                            [&](const std::vector<Expr> &at, const Type &type) -> std::vector<Expr> {
-                                const Expr d = cast(type, load_float(input(at))) - cast(type, shift(at[nchw ? 1 : 0]));
-                                return {d, d * d};
-                            }, c);
-        Func sums = channel.sums;
+        // Shifted sums accumulated in double: sum(d) and sum(d^2) with
+        // d = x - shift. Double keeps E[d^2] - E[d]^2 exact to ~1e-9 even for
+        // mean/std ratios of 1e4 and more than 2^24 values, in one read of x.
+        Func sums{"sums"};
+        sums(c) = Tuple(cast<double>(0), cast<double>(0));
+        const Expr d = cast<double>(channel_value) - shift(c);
+        sums(c) = Tuple(sums(c)[0] + d, sums(c)[1] + d * d);
 
         const Expr count = cast<double>(values_per_channel(input, layout));
         const Expr mean_offset = sums(c)[0] / count;
@@ -60,7 +60,7 @@ public:
         // LLVM's no-NaN flags, under which a NaN test may fold away.
         const Expr var = (shifted_var + abs(shifted_var)) / 2;
         Func statistics{"statistics"};  // mean, biased variance, 1 / std in double; mean as float32
-        const Expr mean = cast<double>(shift(c)) + mean_offset;
+        const Expr mean = shift(c) + mean_offset;
         statistics(c) = Tuple(mean, var, 1 / sqrt(var + eps), cast<float>(mean));
         batch_mean(c) = statistics(c)[0];
         batch_var(c) = statistics(c)[1];
@@ -93,17 +93,17 @@ public:
         const std::vector<Func> channel_outputs = {batch_mean, batch_var, batch_inv_std};
         const std::vector<Expr> variants = elementwise_variants(scale_in_double);
         if (get_target().has_gpu_feature()) {
-            schedule_sums_gpu(channel, c, layout);
+            schedule_sums_gpu(sums, values.r, c, layout);
             schedule_per_channel_gpu({statistics}, c);
             schedule_per_channel_gpu(channel_outputs, c);
             schedule_elementwise_gpu(output, v, layout, variants);
         } else if (layout == Layout::NCHW) {
-            schedule_sums_nchw_cpu(channel, c, vector_size);
+            schedule_sums_nchw_cpu(sums, values.r, c, vector_size);
             schedule_slab_by_slab_cpu(output, channel_outputs, {statistics, sums, scale}, v, parallel,
                                       vector_size, variants);
         } else {
             // All statistics first, then the elementwise pass.
-            schedule_sums_nhwc_cpu(channel, c, vector_size, parallel);
+            schedule_sums_nhwc_cpu(sums, values.r, c, vector_size, parallel);
             statistics.compute_root();
             scale.compute_root();
             schedule_elementwise_cpu(output, v, layout, parallel, get_target(), variants);

@@ -19,27 +19,19 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nchw
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_residual = hbn_schedules::stage(pipeline, 12, "grad_residual", __FILE__);
-    Func grad_bias = hbn_schedules::stage(pipeline, 11, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 10, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 8, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 6, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 5, "blocks", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c(grad_residual.get_schedule().dims()[1].var);
-    Var chunk_index(blocks.get_schedule().dims()[1].var);
     Var ci("ci");
     Var inner(grad_residual.get_schedule().dims()[0].var);
     Var inneri("inneri");
-    Var item(blocks.get_schedule().dims()[3].var);
-    Var lane(blocks.get_schedule().dims()[0].var);
     Var n(grad_residual.get_schedule().dims()[2].var);
-    RVar block_value_x(blocks.update(0).get_schedule().dims()[0].var);
-    RVar rest_x(sums.update(1).get_schedule().dims()[0].var);
-    RVar rest_y(sums.update(1).get_schedule().dims()[1].var);
-    RVar whole_x(sums.update(0).get_schedule().dims()[0].var);
-    RVar whole_y(sums.update(0).get_schedule().dims()[1].var);
-    RVar whole_z(sums.update(0).get_schedule().dims()[2].var);
+    RVar r16_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r16_y(sums.update(0).get_schedule().dims()[1].var);
     grad_residual
         .split(inner, inner, inneri, 32, TailStrategy::GuardWithIf)
         .vectorize(inneri)
@@ -75,23 +67,9 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nchw
         .compute_root()
         .reorder({ci, c});
     sums.update(0)
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .reorder({ci, whole_x, c, whole_y, whole_z});
-    sums.update(1)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, rest_x, rest_y, c});
-    blocks
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .compute_at(sums, whole_y)
-        .reorder({ci, c, lane, chunk_index, item})
-        .reorder_storage(c, lane, chunk_index, item);
-    blocks.update(0)
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .reorder({ci, block_value_x, c, lane, chunk_index, item});
+        .reorder({ci, r16_x, r16_y, c});
 
 }
 

@@ -31,7 +31,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     Var m(grad_residual.get_schedule().dims()[1].var);
     Var mi("mi");
     Var mii("mii");
-    RVar rest_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r13_x(sums.update(0).get_schedule().dims()[0].var);
     grad_residual
         .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -57,16 +57,18 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
         .parallel(c);
     output
         .split(m, m, mi, 50176, TailStrategy::GuardWithIf)
-        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(mi, mi, mii, 12544, TailStrategy::GuardWithIf)
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
         .compute_root()
         .reorder({ci, mii, c, mi, m})
         .parallel(m);
     terms
+        .store_in(MemoryType::Stack)
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .compute_at(output, m)
+        .compute_at(output, mi)
+        .store_at(output, m)
         .reorder({ci, c});
     sums
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
@@ -79,7 +81,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, rest_x, c})
+        .reorder({ci, r13_x, c})
         .parallel(c);
 
 }

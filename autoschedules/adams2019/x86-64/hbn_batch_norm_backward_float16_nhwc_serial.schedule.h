@@ -29,7 +29,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     Var ci("ci");
     Var m(grad_residual.get_schedule().dims()[1].var);
     Var mi("mi");
-    RVar rest_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r13_x(sums.update(0).get_schedule().dims()[0].var);
     grad_residual
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
@@ -66,7 +66,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_backward_float16_nhwc
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, rest_x, c});
+        .reorder({ci, r13_x, c});
 
 }
 

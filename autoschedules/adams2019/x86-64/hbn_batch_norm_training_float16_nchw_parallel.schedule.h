@@ -19,33 +19,23 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nchw
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 12, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 11, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 10, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 8, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 6, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 4, "blocks", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
     Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c(batch_inv_std.get_schedule().dims()[0].var);
-    Var chunk_index(blocks.get_schedule().dims()[1].var);
     Var ci("ci");
     Var cii("cii");
     Var inner(output.get_schedule().dims()[0].var);
     Var inneri("inneri");
-    Var item(blocks.get_schedule().dims()[3].var);
-    Var itemi("itemi");
-    Var lane(blocks.get_schedule().dims()[0].var);
     Var n(output.get_schedule().dims()[2].var);
     Var ni("ni");
-    RVar block_value_x(blocks.update(0).get_schedule().dims()[0].var);
-    RVar rest_x(sums.update(1).get_schedule().dims()[0].var);
-    RVar rest_y(sums.update(1).get_schedule().dims()[1].var);
-    RVar whole_x(sums.update(0).get_schedule().dims()[0].var);
-    RVar whole_xi("whole$xi");
-    RVar whole_y(sums.update(0).get_schedule().dims()[1].var);
-    RVar whole_z(sums.update(0).get_schedule().dims()[2].var);
+    RVar r12_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r12_y(sums.update(0).get_schedule().dims()[1].var);
     batch_inv_std
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
@@ -94,33 +84,18 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nchw
         .reorder({cii, ci, c})
         .parallel(c);
     sums
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .vectorize(ci)
+        .split(c, c, ci, 32, TailStrategy::GuardWithIf)
+        .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
+        .unroll(ci)
+        .vectorize(cii)
         .compute_root()
-        .reorder({ci, c})
+        .reorder({cii, ci, c})
         .parallel(c);
     sums.update(0)
-        .split(c, c, ci, 16, TailStrategy::GuardWithIf)
-        .split(whole_x, whole_x, whole_xi, 4, TailStrategy::GuardWithIf)
-        .vectorize(ci)
-        .reorder({ci, whole_xi, whole_z, whole_x, whole_y, c})
-        .parallel(c);
-    sums.update(1)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, rest_x, rest_y, c})
+        .reorder({ci, r12_x, r12_y, c})
         .parallel(c);
-    blocks
-        .store_in(MemoryType::Stack)
-        .split(item, item, itemi, 16, TailStrategy::GuardWithIf)
-        .vectorize(itemi)
-        .compute_at(sums, whole_x)
-        .reorder({itemi, item, lane, chunk_index, c})
-        .reorder_storage(item, lane, chunk_index, c);
-    blocks.update(0)
-        .split(item, item, itemi, 32, TailStrategy::GuardWithIf)
-        .vectorize(itemi)
-        .reorder({itemi, block_value_x, item, lane, chunk_index, c});
     shift
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)

@@ -33,7 +33,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nhwc
     Var m(output.get_schedule().dims()[1].var);
     Var mi("mi");
     Var mii("mii");
-    RVar rest_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r10_x(sums.update(0).get_schedule().dims()[0].var);
     batch_inv_std
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .split(ci, ci, cii, 16, TailStrategy::GuardWithIf)
@@ -92,7 +92,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nhwc
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, rest_x, c})
+        .reorder({ci, r10_x, c})
         .parallel(c);
     shift
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)

@@ -31,7 +31,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nhwc
     Var ci("ci");
     Var m(output.get_schedule().dims()[1].var);
     Var mi("mi");
-    RVar rest_x(sums.update(0).get_schedule().dims()[0].var);
+    RVar r10_x(sums.update(0).get_schedule().dims()[0].var);
     batch_inv_std
         .split(c, c, ci, 16, TailStrategy::GuardWithIf)
         .vectorize(ci)
@@ -72,7 +72,7 @@ inline void apply_schedule_adams2019_x86_64_hbn_batch_norm_training_float16_nhwc
     sums.update(0)
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)
-        .reorder({ci, rest_x, c});
+        .reorder({ci, r10_x, c});
     shift
         .split(c, c, ci, 32, TailStrategy::GuardWithIf)
         .vectorize(ci)

@@ -46,12 +46,12 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_backward_float16_nchw_cuda
     Var li_v6("li_v6");
     Var li_v7("li_v7");
     Var n("n");
-    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar rest$y(sums.update(0).get_schedule().rvars()[1].var);
-    RVar r100("r100");
-    RVar r101("r101");
-    RVar r102("r102");
-    RVar r103("r103");
+    RVar r16$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r16$y(sums.update(0).get_schedule().rvars()[1].var);
+    RVar r89("r89");
+    RVar r90("r90");
+    RVar r91("r91");
+    RVar r92("r92");
     grad_residual.compute_root()
         .split(inner,li_v2,li_v3,64,TailStrategy::GuardWithIf)
         .fuse(li_v2,c,li_v2)
@@ -94,11 +94,11 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_backward_float16_nchw_cuda
         .gpu_threads(li_v15)
     ;
     sums.update(0)
-        .split(rest$x,r100,r101,56,TailStrategy::GuardWithIf)
-        .split(rest$y,r102,r103,8,TailStrategy::GuardWithIf)
+        .split(r16$x,r89,r90,56,TailStrategy::GuardWithIf)
+        .split(r16$y,r91,r92,8,TailStrategy::GuardWithIf)
     ;
     Func sums_intm = sums.update(0)
-        .rfactor({{r100,li_v22},{r102,li_v23}})
+        .rfactor({{r89,li_v22},{r91,li_v23}})
         .compute_root()
         .split(li_v22,li_v22,li_v31,32,TailStrategy::GuardWithIf)
         .fuse(li_v22,li_v23,li_v22)
@@ -109,16 +109,16 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_backward_float16_nchw_cuda
     sums_intm.update()
         .split(li_v22,li_v22,li_v32,32,TailStrategy::GuardWithIf)
         .fuse(li_v22,li_v23,li_v22)
-        .fuse(r101,r103,r101)
-        .reorder(li_v32,li_v22,r101)
+        .fuse(r90,r92,r90)
+        .reorder(li_v32,li_v22,r90)
         .gpu_blocks(li_v22)
         .atomic()
-        .gpu_blocks(r101)
+        .gpu_blocks(r90)
         .gpu_threads(li_v32)
     ;
     sums.update(0)
         .split(c,li_v38,li_v39,64,TailStrategy::GuardWithIf)
-        .reorder(r100,r102,li_v39,li_v38)
+        .reorder(r89,r91,li_v39,li_v38)
         .gpu_blocks(li_v38)
         .gpu_threads(li_v39)
     ;

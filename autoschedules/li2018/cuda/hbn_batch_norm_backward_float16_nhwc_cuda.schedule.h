@@ -46,9 +46,9 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_backward_float16_nhwc_cuda
     Var li_v6("li_v6");
     Var li_v9("li_v9");
     Var m("m");
-    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r89("r89");
-    RVar r90("r90");
+    RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r78("r78");
+    RVar r79("r79");
     grad_residual.compute_root()
         .split(c,li_v1,li_v2,64,TailStrategy::GuardWithIf)
         .fuse(li_v1,m,li_v1)
@@ -89,10 +89,10 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_backward_float16_nhwc_cuda
         .gpu_threads(li_v14)
     ;
     sums.update(0)
-        .split(rest$x,r89,r90,320,TailStrategy::GuardWithIf)
+        .split(r13$x,r78,r79,320,TailStrategy::GuardWithIf)
     ;
     Func sums_intm = sums.update(0)
-        .rfactor({{r89,li_v18}})
+        .rfactor({{r78,li_v18}})
         .compute_root()
         .split(li_v18,li_v23,li_v24,64,TailStrategy::GuardWithIf)
         .reorder(li_v24,li_v23)
@@ -101,13 +101,13 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_backward_float16_nhwc_cuda
     ;
     sums_intm.update()
         .split(li_v18,li_v25,li_v26,64,TailStrategy::GuardWithIf)
-        .reorder(r90,li_v26,li_v25)
+        .reorder(r79,li_v26,li_v25)
         .gpu_blocks(li_v25)
         .gpu_threads(li_v26)
     ;
     sums.update(0)
         .split(c,li_v28,li_v29,64,TailStrategy::GuardWithIf)
-        .reorder(r89,li_v29,li_v28)
+        .reorder(r78,li_v29,li_v28)
         .gpu_blocks(li_v28)
         .gpu_threads(li_v29)
     ;

@@ -52,12 +52,12 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float16_nchw_cuda
     Var li_v8("li_v8");
     Var li_v9("li_v9");
     Var n("n");
-    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar rest$y(sums.update(0).get_schedule().rvars()[1].var);
-    RVar r90("r90");
-    RVar r91("r91");
-    RVar r92("r92");
-    RVar r93("r93");
+    RVar r12$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r12$y(sums.update(0).get_schedule().rvars()[1].var);
+    RVar r79("r79");
+    RVar r80("r80");
+    RVar r81("r81");
+    RVar r82("r82");
     batch_inv_std.compute_root()
         .split(c,li_v2,li_v3,64,TailStrategy::GuardWithIf)
         .reorder(li_v3,li_v2)
@@ -103,11 +103,11 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float16_nchw_cuda
         .gpu_threads(li_v15)
     ;
     sums.update(0)
-        .split(rest$x,r90,r91,56,TailStrategy::GuardWithIf)
-        .split(rest$y,r92,r93,8,TailStrategy::GuardWithIf)
+        .split(r12$x,r79,r80,56,TailStrategy::GuardWithIf)
+        .split(r12$y,r81,r82,8,TailStrategy::GuardWithIf)
     ;
     Func sums_intm = sums.update(0)
-        .rfactor({{r90,li_v22},{r92,li_v23}})
+        .rfactor({{r79,li_v22},{r81,li_v23}})
         .compute_root()
         .split(li_v22,li_v22,li_v31,32,TailStrategy::GuardWithIf)
         .fuse(li_v22,li_v23,li_v22)
@@ -118,16 +118,16 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float16_nchw_cuda
     sums_intm.update()
         .split(li_v22,li_v22,li_v32,32,TailStrategy::GuardWithIf)
         .fuse(li_v22,li_v23,li_v22)
-        .fuse(r91,r93,r91)
-        .reorder(li_v32,li_v22,r91)
+        .fuse(r80,r82,r80)
+        .reorder(li_v32,li_v22,r80)
         .gpu_blocks(li_v22)
         .atomic()
-        .gpu_blocks(r91)
+        .gpu_blocks(r80)
         .gpu_threads(li_v32)
     ;
     sums.update(0)
         .split(c,li_v38,li_v39,64,TailStrategy::GuardWithIf)
-        .reorder(r90,r92,li_v39,li_v38)
+        .reorder(r79,r81,li_v39,li_v38)
         .gpu_blocks(li_v38)
         .gpu_threads(li_v39)
     ;

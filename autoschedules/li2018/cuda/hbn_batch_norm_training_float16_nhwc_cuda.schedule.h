@@ -52,9 +52,9 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float16_nhwc_cuda
     Var li_v8("li_v8");
     Var li_v9("li_v9");
     Var m("m");
-    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar r84("r84");
-    RVar r85("r85");
+    RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r73("r73");
+    RVar r74("r74");
     batch_inv_std.compute_root()
         .split(c,li_v1,li_v2,64,TailStrategy::GuardWithIf)
         .reorder(li_v2,li_v1)
@@ -99,10 +99,10 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float16_nhwc_cuda
         .gpu_threads(li_v14)
     ;
     sums.update(0)
-        .split(rest$x,r84,r85,320,TailStrategy::GuardWithIf)
+        .split(r10$x,r73,r74,320,TailStrategy::GuardWithIf)
     ;
     Func sums_intm = sums.update(0)
-        .rfactor({{r84,li_v18}})
+        .rfactor({{r73,li_v18}})
         .compute_root()
         .split(li_v18,li_v23,li_v24,64,TailStrategy::GuardWithIf)
         .reorder(li_v24,li_v23)
@@ -111,13 +111,13 @@ inline void apply_schedule_li2018_cuda_hbn_batch_norm_training_float16_nhwc_cuda
     ;
     sums_intm.update()
         .split(li_v18,li_v25,li_v26,64,TailStrategy::GuardWithIf)
-        .reorder(r85,li_v26,li_v25)
+        .reorder(r74,li_v26,li_v25)
         .gpu_blocks(li_v25)
         .gpu_threads(li_v26)
     ;
     sums.update(0)
         .split(c,li_v28,li_v29,64,TailStrategy::GuardWithIf)
-        .reorder(r84,li_v29,li_v28)
+        .reorder(r73,li_v29,li_v28)
         .gpu_blocks(li_v28)
         .gpu_threads(li_v29)
     ;

@@ -19,104 +19,70 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float16_nchw_se
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func grad_residual = hbn_schedules::stage(pipeline, 12, "grad_residual", __FILE__);
-    Func grad_bias = hbn_schedules::stage(pipeline, 11, "grad_bias", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 10, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func terms = hbn_schedules::stage(pipeline, 8, "terms", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 6, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 5, "blocks", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func terms = hbn_schedules::stage(pipeline, 7, "terms", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
     Var c("c");
-    Var chunk_index("chunk_index");
     Var inner("inner");
-    Var item("item");
-    Var lane("lane");
-    Var li_v10("li_v10");
-    Var li_v12("li_v12");
-    Var li_v13("li_v13");
+    Var li_v14("li_v14");
+    Var li_v15("li_v15");
+    Var li_v17("li_v17");
     Var li_v18("li_v18");
-    Var li_v19("li_v19");
+    Var li_v2("li_v2");
+    Var li_v20("li_v20");
     Var li_v21("li_v21");
-    Var li_v22("li_v22");
+    Var li_v23("li_v23");
     Var li_v24("li_v24");
-    Var li_v25("li_v25");
-    Var li_v27("li_v27");
-    Var li_v28("li_v28");
-    Var li_v33("li_v33");
-    Var li_v34("li_v34");
-    Var li_v38("li_v38");
-    Var li_v39("li_v39");
-    Var li_v41("li_v41");
-    Var li_v42("li_v42");
+    Var li_v3("li_v3");
+    Var li_v5("li_v5");
     Var li_v6("li_v6");
-    Var li_v7("li_v7");
+    Var li_v8("li_v8");
     Var li_v9("li_v9");
     Var n("n");
-    RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
-    RVar rest$y(sums.update(1).get_schedule().rvars()[1].var);
-    RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar whole$y(sums.update(0).get_schedule().rvars()[1].var);
-    RVar whole$z(sums.update(0).get_schedule().rvars()[2].var);
+    RVar r16$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r16$y(sums.update(0).get_schedule().rvars()[1].var);
     grad_residual.compute_root()
-        .split(inner,li_v6,li_v7,16,TailStrategy::GuardWithIf)
-        .fuse(li_v6,c,li_v6)
-        .fuse(li_v6,n,li_v6)
-        .reorder(li_v7,li_v6)
-        .vectorize(li_v7)
+        .split(inner,li_v2,li_v3,16,TailStrategy::GuardWithIf)
+        .fuse(li_v2,c,li_v2)
+        .fuse(li_v2,n,li_v2)
+        .reorder(li_v3,li_v2)
+        .vectorize(li_v3)
     ;
     grad_bias.compute_root()
-        .split(c,li_v9,li_v10,4,TailStrategy::GuardWithIf)
-        .reorder(li_v10,li_v9)
-        .vectorize(li_v10)
+        .split(c,li_v5,li_v6,4,TailStrategy::GuardWithIf)
+        .reorder(li_v6,li_v5)
+        .vectorize(li_v6)
     ;
     grad_weight.compute_root()
-        .split(c,li_v12,li_v13,4,TailStrategy::GuardWithIf)
-        .reorder(li_v13,li_v12)
-        .vectorize(li_v13)
+        .split(c,li_v8,li_v9,4,TailStrategy::GuardWithIf)
+        .reorder(li_v9,li_v8)
+        .vectorize(li_v9)
     ;
     // inv_std_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     output.compute_root()
-        .split(inner,li_v18,li_v19,16,TailStrategy::GuardWithIf)
-        .fuse(li_v18,c,li_v18)
-        .fuse(li_v18,n,li_v18)
-        .reorder(li_v19,li_v18)
-        .vectorize(li_v19)
+        .split(inner,li_v14,li_v15,16,TailStrategy::GuardWithIf)
+        .fuse(li_v14,c,li_v14)
+        .fuse(li_v14,n,li_v14)
+        .reorder(li_v15,li_v14)
+        .vectorize(li_v15)
     ;
     terms.compute_root()
-        .split(c,li_v21,li_v22,4,TailStrategy::GuardWithIf)
-        .reorder(li_v22,li_v21)
-        .vectorize(li_v22)
+        .split(c,li_v17,li_v18,4,TailStrategy::GuardWithIf)
+        .reorder(li_v18,li_v17)
+        .vectorize(li_v18)
     ;
     sums.compute_root()
-        .split(c,li_v24,li_v25,4,TailStrategy::GuardWithIf)
-        .reorder(li_v25,li_v24)
-        .vectorize(li_v25)
+        .split(c,li_v20,li_v21,4,TailStrategy::GuardWithIf)
+        .reorder(li_v21,li_v20)
+        .vectorize(li_v21)
     ;
     sums.update(0)
-        .split(c,li_v27,li_v28,4,TailStrategy::GuardWithIf)
-        .reorder(whole$x,whole$y,whole$z,li_v28,li_v27)
-        .vectorize(li_v28)
-    ;
-    sums.update(1)
-        .split(c,li_v33,li_v34,4,TailStrategy::GuardWithIf)
-        .reorder(rest$x,rest$y,li_v34,li_v33)
-        .vectorize(li_v34)
-    ;
-    blocks.compute_root()
-        .split(lane,li_v38,li_v39,8,TailStrategy::GuardWithIf)
-        .fuse(li_v38,chunk_index,li_v38)
-        .fuse(li_v38,c,li_v38)
-        .fuse(li_v38,item,li_v38)
-        .reorder(li_v39,li_v38)
-        .vectorize(li_v39)
-    ;
-    blocks.update(0)
-        .split(lane,li_v41,li_v42,8,TailStrategy::GuardWithIf)
-        .fuse(li_v41,chunk_index,li_v41)
-        .fuse(li_v41,c,li_v41)
-        .fuse(li_v41,item,li_v41)
-        .reorder(li_v42,li_v41)
-        .vectorize(li_v42)
+        .split(c,li_v23,li_v24,4,TailStrategy::GuardWithIf)
+        .reorder(r16$x,r16$y,li_v24,li_v23)
+        .vectorize(li_v24)
     ;
     // mean_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
     // grad_output_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.

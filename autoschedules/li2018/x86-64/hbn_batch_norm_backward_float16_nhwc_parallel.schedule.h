@@ -41,7 +41,7 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float16_nhwc_pa
     Var li_v7("li_v7");
     Var li_v8("li_v8");
     Var m("m");
-    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
     grad_residual.compute_root()
         .split(c,li_v1,li_v2,16,TailStrategy::GuardWithIf)
         .fuse(li_v1,m,li_v1)
@@ -83,7 +83,7 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_backward_float16_nhwc_pa
     ;
     sums.update(0)
         .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
-        .reorder(rest$x,li_v23,li_v22)
+        .reorder(r13$x,li_v23,li_v22)
         .parallel(li_v22,1,TailStrategy::GuardWithIf)
         .vectorize(li_v23)
     ;

@@ -19,129 +19,83 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nchw_pa
     using ::Halide::RVar;
     using ::Halide::TailStrategy;
     using ::Halide::Var;
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 12, "batch_inv_std", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 11, "batch_var", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 10, "batch_mean", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 8, "scale", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 6, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 4, "blocks", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
     Var c("c");
-    Var chunk_index("chunk_index");
     Var inner("inner");
-    Var item("item");
-    Var lane("lane");
+    Var li_v10("li_v10");
     Var li_v11("li_v11");
-    Var li_v12("li_v12");
+    Var li_v13("li_v13");
     Var li_v14("li_v14");
-    Var li_v15("li_v15");
+    Var li_v16("li_v16");
     Var li_v17("li_v17");
-    Var li_v18("li_v18");
+    Var li_v19("li_v19");
+    Var li_v2("li_v2");
     Var li_v20("li_v20");
-    Var li_v21("li_v21");
+    Var li_v22("li_v22");
     Var li_v23("li_v23");
-    Var li_v24("li_v24");
-    Var li_v26("li_v26");
-    Var li_v27("li_v27");
-    Var li_v32("li_v32");
-    Var li_v33("li_v33");
-    Var li_v37("li_v37");
-    Var li_v38("li_v38");
-    Var li_v40("li_v40");
-    Var li_v41("li_v41");
-    Var li_v43("li_v43");
-    Var li_v44("li_v44");
-    Var li_v6("li_v6");
+    Var li_v3("li_v3");
+    Var li_v4("li_v4");
+    Var li_v5("li_v5");
     Var li_v7("li_v7");
     Var li_v8("li_v8");
-    Var li_v9("li_v9");
     Var n("n");
-    RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
-    RVar rest$y(sums.update(1).get_schedule().rvars()[1].var);
-    RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
-    RVar whole$y(sums.update(0).get_schedule().rvars()[1].var);
-    RVar whole$z(sums.update(0).get_schedule().rvars()[2].var);
+    RVar r12$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r12$y(sums.update(0).get_schedule().rvars()[1].var);
     batch_inv_std.compute_root()
-        .split(c,li_v6,li_v7,8,TailStrategy::GuardWithIf)
-        .reorder(li_v7,li_v6)
-        .parallel(li_v6)
-        .vectorize(li_v7)
+        .split(c,li_v2,li_v3,8,TailStrategy::GuardWithIf)
+        .reorder(li_v3,li_v2)
+        .parallel(li_v2)
+        .vectorize(li_v3)
     ;
     batch_var.compute_root()
-        .split(c,li_v8,li_v9,4,TailStrategy::GuardWithIf)
-        .reorder(li_v9,li_v8)
-        .parallel(li_v8,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v9)
+        .split(c,li_v4,li_v5,4,TailStrategy::GuardWithIf)
+        .reorder(li_v5,li_v4)
+        .parallel(li_v4,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v5)
     ;
     batch_mean.compute_root()
-        .split(c,li_v11,li_v12,4,TailStrategy::GuardWithIf)
-        .reorder(li_v12,li_v11)
-        .parallel(li_v11,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v12)
+        .split(c,li_v7,li_v8,4,TailStrategy::GuardWithIf)
+        .reorder(li_v8,li_v7)
+        .parallel(li_v7,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v8)
     ;
     output.compute_root()
-        .split(inner,li_v14,li_v15,16,TailStrategy::GuardWithIf)
-        .fuse(li_v14,c,li_v14)
-        .fuse(li_v14,n,li_v14)
-        .reorder(li_v15,li_v14)
-        .parallel(li_v14,25216,TailStrategy::GuardWithIf)
-        .vectorize(li_v15)
+        .split(inner,li_v10,li_v11,16,TailStrategy::GuardWithIf)
+        .fuse(li_v10,c,li_v10)
+        .fuse(li_v10,n,li_v10)
+        .reorder(li_v11,li_v10)
+        .parallel(li_v10,25216,TailStrategy::GuardWithIf)
+        .vectorize(li_v11)
     ;
     scale.compute_root()
-        .split(c,li_v17,li_v18,4,TailStrategy::GuardWithIf)
-        .reorder(li_v18,li_v17)
-        .parallel(li_v17,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v18)
+        .split(c,li_v13,li_v14,4,TailStrategy::GuardWithIf)
+        .reorder(li_v14,li_v13)
+        .parallel(li_v13,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v14)
     ;
     statistics.compute_root()
-        .split(c,li_v20,li_v21,4,TailStrategy::GuardWithIf)
-        .reorder(li_v21,li_v20)
-        .parallel(li_v20,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v21)
+        .split(c,li_v16,li_v17,4,TailStrategy::GuardWithIf)
+        .reorder(li_v17,li_v16)
+        .parallel(li_v16,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v17)
     ;
     sums.compute_root()
-        .split(c,li_v23,li_v24,4,TailStrategy::GuardWithIf)
-        .reorder(li_v24,li_v23)
-        .parallel(li_v23,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v24)
+        .split(c,li_v19,li_v20,4,TailStrategy::GuardWithIf)
+        .reorder(li_v20,li_v19)
+        .parallel(li_v19,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v20)
     ;
     sums.update(0)
-        .split(c,li_v26,li_v27,4,TailStrategy::GuardWithIf)
-        .reorder(whole$x,whole$y,whole$z,li_v27,li_v26)
-        .parallel(li_v26,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v27)
-    ;
-    sums.update(1)
-        .split(c,li_v32,li_v33,4,TailStrategy::GuardWithIf)
-        .reorder(rest$x,rest$y,li_v33,li_v32)
-        .parallel(li_v32,1,TailStrategy::GuardWithIf)
-        .vectorize(li_v33)
-    ;
-    blocks.compute_root()
-        .split(lane,li_v37,li_v38,8,TailStrategy::GuardWithIf)
-        .fuse(li_v37,chunk_index,li_v37)
-        .fuse(li_v37,c,li_v37)
-        .fuse(li_v37,item,li_v37)
-        .reorder(li_v38,li_v37)
-        .parallel(li_v37,9216,TailStrategy::GuardWithIf)
-        .vectorize(li_v38)
-    ;
-    blocks.update(0)
-        .split(lane,li_v40,li_v41,8,TailStrategy::GuardWithIf)
-        .fuse(li_v40,chunk_index,li_v40)
-        .fuse(li_v40,c,li_v40)
-        .fuse(li_v40,item,li_v40)
-        .reorder(li_v41,li_v40)
-        .parallel(li_v40,9216,TailStrategy::GuardWithIf)
-        .vectorize(li_v41)
-    ;
-    shift.compute_root()
-        .split(c,li_v43,li_v44,8,TailStrategy::GuardWithIf)
-        .reorder(li_v44,li_v43)
-        .parallel(li_v43)
-        .vectorize(li_v44)
+        .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
+        .reorder(r12$x,r12$y,li_v23,li_v22)
+        .parallel(li_v22,1,TailStrategy::GuardWithIf)
+        .vectorize(li_v23)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 

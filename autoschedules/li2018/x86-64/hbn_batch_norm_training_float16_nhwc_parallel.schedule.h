@@ -26,7 +26,6 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_pa
     Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
     Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
     Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c("c");
     Var li_v1("li_v1");
     Var li_v10("li_v10");
@@ -39,15 +38,13 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_pa
     Var li_v2("li_v2");
     Var li_v21("li_v21");
     Var li_v22("li_v22");
-    Var li_v25("li_v25");
-    Var li_v26("li_v26");
     Var li_v3("li_v3");
     Var li_v4("li_v4");
     Var li_v6("li_v6");
     Var li_v7("li_v7");
     Var li_v9("li_v9");
     Var m("m");
-    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
     batch_inv_std.compute_root()
         .split(c,li_v1,li_v2,8,TailStrategy::GuardWithIf)
         .reorder(li_v2,li_v1)
@@ -93,15 +90,9 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_pa
     ;
     sums.update(0)
         .split(c,li_v21,li_v22,4,TailStrategy::GuardWithIf)
-        .reorder(rest$x,li_v22,li_v21)
+        .reorder(r10$x,li_v22,li_v21)
         .parallel(li_v21,1,TailStrategy::GuardWithIf)
         .vectorize(li_v22)
-    ;
-    shift.compute_root()
-        .split(c,li_v25,li_v26,8,TailStrategy::GuardWithIf)
-        .reorder(li_v26,li_v25)
-        .parallel(li_v25)
-        .vectorize(li_v26)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 

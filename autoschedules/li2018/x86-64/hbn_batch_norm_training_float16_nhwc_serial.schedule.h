@@ -26,7 +26,6 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_se
     Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
     Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
     Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Var c("c");
     Var li_v1("li_v1");
     Var li_v10("li_v10");
@@ -40,14 +39,12 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_se
     Var li_v20("li_v20");
     Var li_v22("li_v22");
     Var li_v23("li_v23");
-    Var li_v26("li_v26");
-    Var li_v27("li_v27");
     Var li_v4("li_v4");
     Var li_v5("li_v5");
     Var li_v7("li_v7");
     Var li_v8("li_v8");
     Var m("m");
-    RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
+    RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
     batch_inv_std.compute_root()
         .split(c,li_v1,li_v2,8,TailStrategy::GuardWithIf)
         .reorder(li_v2,li_v1)
@@ -86,13 +83,8 @@ inline void apply_schedule_li2018_x86_64_hbn_batch_norm_training_float16_nhwc_se
     ;
     sums.update(0)
         .split(c,li_v22,li_v23,4,TailStrategy::GuardWithIf)
-        .reorder(rest$x,li_v23,li_v22)
+        .reorder(r10$x,li_v23,li_v22)
         .vectorize(li_v23)
-    ;
-    shift.compute_root()
-        .split(c,li_v26,li_v27,8,TailStrategy::GuardWithIf)
-        .reorder(li_v27,li_v26)
-        .vectorize(li_v27)
     ;
     // bias_im: not a stage of this pipeline (Li2018 schedules input wrappers), dropped.
 

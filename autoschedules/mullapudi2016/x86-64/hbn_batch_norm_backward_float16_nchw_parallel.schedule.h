@@ -23,29 +23,13 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_float16_
     Var c_vo("c_vo");
     Var inner_vi("inner_vi");
     Var inner_vo("inner_vo");
-    Var lane_vi("lane_vi");
-    Var lane_vo("lane_vo");
 
-    Func blocks = hbn_schedules::stage(pipeline, 5, "blocks", __FILE__);
-    Func grad_bias = hbn_schedules::stage(pipeline, 11, "grad_bias", __FILE__);
-    Func grad_residual = hbn_schedules::stage(pipeline, 12, "grad_residual", __FILE__);
-    Func grad_weight = hbn_schedules::stage(pipeline, 10, "grad_weight", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 6, "sums", __FILE__);
+    Func grad_bias = hbn_schedules::stage(pipeline, 10, "grad_bias", __FILE__);
+    Func grad_residual = hbn_schedules::stage(pipeline, 11, "grad_residual", __FILE__);
+    Func grad_weight = hbn_schedules::stage(pipeline, 9, "grad_weight", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
 
-    {
-        Var lane = blocks.args()[0];
-        Var item = blocks.args()[3];
-        blocks
-            .compute_root()
-            .split(lane, lane_vo, lane_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(lane_vi)
-            .parallel(item);
-        blocks.update(0)
-            .split(lane, lane_vo, lane_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(lane_vi)
-            .parallel(item);
-    }
     {
         Var c = grad_bias.args()[0];
         grad_bias
@@ -82,27 +66,18 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_float16_
     }
     {
         Var c = sums.args()[0];
-        RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
-        RVar whole$y(sums.update(0).get_schedule().rvars()[1].var);
-        RVar whole$z(sums.update(0).get_schedule().rvars()[2].var);
-        RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
-        RVar rest$y(sums.update(1).get_schedule().rvars()[1].var);
+        RVar r16$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r16$y(sums.update(0).get_schedule().rvars()[1].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi)
             .parallel(c_vo);
         sums.update(0)
-            .reorder(whole$x, whole$y, c, whole$z)
+            .reorder(r16$x, c, r16$y)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi)
-            .reorder(whole$z, c_vo)
-            .parallel(c_vo);
-        sums.update(1)
-            .reorder(rest$x, c, rest$y)
-            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
-            .vectorize(c_vi)
-            .reorder(rest$y, c_vo)
+            .reorder(r16$y, c_vo)
             .parallel(c_vo);
     }
 

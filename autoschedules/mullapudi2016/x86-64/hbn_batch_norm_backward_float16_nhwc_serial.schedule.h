@@ -58,13 +58,13 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_backward_float16_
     }
     {
         Var c = sums.args()[0];
-        RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r13$x(sums.update(0).get_schedule().rvars()[0].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
         sums.update(0)
-            .reorder(c, rest$x)
+            .reorder(c, r13$x)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }

@@ -23,18 +23,14 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
     Var c_vo("c_vo");
     Var inner_vi("inner_vi");
     Var inner_vo("inner_vo");
-    Var lane_vi("lane_vi");
-    Var lane_vo("lane_vo");
 
-    Func batch_inv_std = hbn_schedules::stage(pipeline, 12, "batch_inv_std", __FILE__);
-    Func batch_mean = hbn_schedules::stage(pipeline, 10, "batch_mean", __FILE__);
-    Func batch_var = hbn_schedules::stage(pipeline, 11, "batch_var", __FILE__);
-    Func blocks = hbn_schedules::stage(pipeline, 4, "blocks", __FILE__);
-    Func output = hbn_schedules::stage(pipeline, 9, "output", __FILE__);
-    Func scale = hbn_schedules::stage(pipeline, 8, "scale", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
-    Func statistics = hbn_schedules::stage(pipeline, 6, "statistics", __FILE__);
-    Func sums = hbn_schedules::stage(pipeline, 5, "sums", __FILE__);
+    Func batch_inv_std = hbn_schedules::stage(pipeline, 11, "batch_inv_std", __FILE__);
+    Func batch_mean = hbn_schedules::stage(pipeline, 9, "batch_mean", __FILE__);
+    Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
+    Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
+    Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
+    Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
+    Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
 
     {
         Var c = batch_inv_std.args()[0];
@@ -61,19 +57,6 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
             .parallel(c_vo);
     }
     {
-        Var lane = blocks.args()[0];
-        Var item = blocks.args()[3];
-        blocks
-            .compute_root()
-            .split(lane, lane_vo, lane_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(lane_vi)
-            .parallel(item);
-        blocks.update(0)
-            .split(lane, lane_vo, lane_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(lane_vi)
-            .parallel(item);
-    }
-    {
         Var inner = output.args()[0];
         Var n = output.args()[2];
         output
@@ -91,14 +74,6 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
             .parallel(c_vo);
     }
     {
-        Var c = shift.args()[0];
-        shift
-            .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(c_vi)
-            .parallel(c_vo);
-    }
-    {
         Var c = statistics.args()[0];
         statistics
             .compute_root()
@@ -108,27 +83,18 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
     }
     {
         Var c = sums.args()[0];
-        RVar whole$x(sums.update(0).get_schedule().rvars()[0].var);
-        RVar whole$y(sums.update(0).get_schedule().rvars()[1].var);
-        RVar whole$z(sums.update(0).get_schedule().rvars()[2].var);
-        RVar rest$x(sums.update(1).get_schedule().rvars()[0].var);
-        RVar rest$y(sums.update(1).get_schedule().rvars()[1].var);
+        RVar r12$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r12$y(sums.update(0).get_schedule().rvars()[1].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi)
             .parallel(c_vo);
         sums.update(0)
-            .reorder(whole$x, whole$y, c, whole$z)
+            .reorder(r12$x, c, r12$y)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi)
-            .reorder(whole$z, c_vo)
-            .parallel(c_vo);
-        sums.update(1)
-            .reorder(rest$x, c, rest$y)
-            .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
-            .vectorize(c_vi)
-            .reorder(rest$y, c_vo)
+            .reorder(r12$y, c_vo)
             .parallel(c_vo);
     }
 

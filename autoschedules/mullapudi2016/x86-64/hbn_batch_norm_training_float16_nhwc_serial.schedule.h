@@ -27,7 +27,6 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
     Func batch_var = hbn_schedules::stage(pipeline, 10, "batch_var", __FILE__);
     Func output = hbn_schedules::stage(pipeline, 8, "output", __FILE__);
     Func scale = hbn_schedules::stage(pipeline, 7, "scale", __FILE__);
-    Func shift = hbn_schedules::stage(pipeline, 3, "shift", __FILE__);
     Func statistics = hbn_schedules::stage(pipeline, 5, "statistics", __FILE__);
     Func sums = hbn_schedules::stage(pipeline, 4, "sums", __FILE__);
 
@@ -67,13 +66,6 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
             .vectorize(c_vi);
     }
     {
-        Var c = shift.args()[0];
-        shift
-            .compute_root()
-            .split(c, c_vo, c_vi, 16, TailStrategy::GuardWithIf)
-            .vectorize(c_vi);
-    }
-    {
         Var c = statistics.args()[0];
         statistics
             .compute_root()
@@ -82,13 +74,13 @@ inline void apply_schedule_mullapudi2016_x86_64_hbn_batch_norm_training_float16_
     }
     {
         Var c = sums.args()[0];
-        RVar rest$x(sums.update(0).get_schedule().rvars()[0].var);
+        RVar r10$x(sums.update(0).get_schedule().rvars()[0].var);
         sums
             .compute_root()
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
         sums.update(0)
-            .reorder(c, rest$x)
+            .reorder(c, r10$x)
             .split(c, c_vo, c_vi, 8, TailStrategy::GuardWithIf)
             .vectorize(c_vi);
     }
