@@ -78,8 +78,8 @@ while read -r library generator params; do
             for backend in "${!gpu_target[@]}"; do
                 gpu_library=${library%_parallel}_$backend
                 rm -f "autoschedules/li2018/$backend/$gpu_library.schedule.h"
-                # The stage indices come from Adams2019 on the GPU target: a
-                # pipeline's algorithm may differ there (ChannelSums' blocks).
+                # The stage indices come from Adams2019 on the GPU target,
+                # where a pipeline's algorithm may differ from the CPU's.
                 if raw_schedule li2018 "$gpu_library" "$generator" "${gpu_target[$backend]}" \
                        "${params[@]}" &&
                    raw_schedule adams2019 "$gpu_library" "$generator" "${gpu_target[$backend]}" \

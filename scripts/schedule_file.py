@@ -99,7 +99,7 @@ def declare_li2018(body, indices):
 
 def declare_reordered_vars(body):
     """Mullapudi2016 declares only the pure vars it splits (`Var c =
-    f.args()[0];`): a var it only reorders (blocks' `block`) is declared here,
+    f.args()[0];`): a var it only reorders is declared here,
     by name, which is how Halide matches loop dimensions."""
     declared = set(re.findall(r"\b(?:Var|RVar|Func) ([\w$]+)\b", body))
     used = set()

@@ -444,8 +444,7 @@ TEST(BackwardGradientCheck, MatchesFiniteDifferencesOfReferenceForward) {
 // float32 cancels: simulated at this size (8184 values per channel) it errs
 // by 0.01 to 4 against a bound of ~1.3e-3 (4 unit_roundoff32 * sum |dy * xhat|, ~5200),
 // and its grad_input by 300 to 50000 times the bound.
-// float16 (whose sums are float32 blocks merged in double) at mean / std =
-// 1e3, where its spacing is 0.5.
+// float16 at mean / std = 1e3, where its spacing is 0.5.
 TEST(BackwardNumerics, LargeOffsetInX) {
     for (DType dtype : {DType::Float32, DType::Float16}) {
         for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
@@ -470,8 +469,8 @@ TEST(BackwardNumerics, LargeOffsetInX) {
 // simulated, a sequential float32 sum errs by ~1e7 (1%), which puts mean_dy
 // off by ~10 and grad_input off by 1e4 times its bound (~1e-3 |weight *
 // inv_std|: eight roundings of |dy| ~ 1e3). grad_bias's bound is its
-// float32 rounding, ~125. Also float16 (float32 blocks merged in double),
-// whose bound is its own rounding of grad_input.
+// float32 rounding, ~125. Also float16, whose bound is its own rounding of
+// grad_input.
 TEST(BackwardNumerics, LargeCommonOffsetInGradOutput) {
     for (DType dtype : {DType::Float32, DType::Float16}) {
         for (Layout layout : {Layout::NCHW, Layout::NHWC}) {
@@ -508,7 +507,7 @@ TEST(BackwardNumerics, LargeCommonOffsetInGradOutput) {
 // the saved mean, so grad_weight is 0, and so is grad_input, mean_dy being
 // exactly 1 (the float32 sum's mean_dy, 2^24 / M, would leave
 // 1.8e-7 * weight * inv_std = 5.4e-7 in every value).
-// float16 too: float32 blocks merged in double.
+// float16 too.
 TEST(BackwardNumerics, MoreThan2To24ValuesPerChannel) {
     const int64_t m = (int64_t(1) << 24) + 3;
     for (DType dtype : {DType::Float32, DType::Float16}) {

@@ -41,8 +41,8 @@ void check_training_statistics(BatchNormCase &t, double variance_tolerance, cons
     expect_close(t.output.values(), expected.output, 4 * x_ulp_in_std + output_tolerance(t.x.view().dtype), "output");
 }
 
-// float32, whose sums are in double, and float16, whose sums are float32
-// blocks merged in double (generators/batch_norm_common.h, ChannelSums).
+// float32 and float16: a sum that cut float16's terms to float32 anywhere on
+// the way would show here first.
 class LargeOffset : public ::testing::TestWithParam<std::tuple<Layout, DType>> {
 protected:
     Layout layout() const { return std::get<0>(GetParam()); }
