@@ -29,6 +29,7 @@ public:
     // weight * inv_std may leave float's range (see normalized() in
     // batch_norm_common.h).
     Input<bool> in_double{"in_double"};
+    Input<bool> stream_output{"stream_output"};  // grad_input's and grad_residual's, see streaming_stores.h
     // In double: the runtime adds them up across slices and processes.
     Output<Buffer<double, 1>> grad_weight{"grad_weight"};
     Output<Buffer<double, 1>> grad_bias{"grad_bias"};
@@ -84,6 +85,9 @@ public:
         grad_residual.set_estimates(data_estimates());
         training.set_estimate(true);
         in_double.set_estimate(false);
+        stream_output.set_estimate(false);
+
+        stream_stores_into({output.name(), grad_residual.name()}, stream_output);
 
         // Schedule
         if (auto_schedule ||

@@ -6,6 +6,7 @@
 #include "Halide.h"
 #include "checked_in_schedule.h"
 #include "data_types.h"
+#include "streaming_stores.h"
 
 #include <map>
 #include <string>
@@ -121,6 +122,12 @@ protected:
 
     // Estimates: the mid-size benchmark tensor, 32x64x56x56.
     static constexpr int estimated_channels = 64;
+
+    // Writes the data outputs named with streaming stores where `stream`
+    // holds at run time (see streaming_stores.h).
+    void stream_stores_into(const std::vector<std::string> &outputs, const Expr &stream) {
+        stream_stores(this->get_pipeline(), outputs, stream, *this->get_externs_map(), this->get_target());
+    }
 
     Region data_estimates() const {
         const int spatial = 56 * 56, batch = 32;

@@ -19,7 +19,8 @@ public:
     Input<Buffer<double, 1>> mean_dy{"mean_dy"};
     Input<Buffer<double, 1>> slope{"slope"};
     Input<Buffer<double, 1>> inv_std{"inv_std"};
-    Input<bool> in_double{"in_double"};  // as batch_norm_backward's
+    Input<bool> in_double{"in_double"};          // as batch_norm_backward's
+    Input<bool> stream_output{"stream_output"};  // see streaming_stores.h
 
     void generate() {
         const DataVars v(layout);
@@ -39,6 +40,9 @@ public:
         }
         mean.set_estimates({{0, estimated_channels}});
         in_double.set_estimate(false);
+        stream_output.set_estimate(false);
+
+        stream_stores_into({output.name()}, stream_output);
 
         // Schedule
         if (auto_schedule ||

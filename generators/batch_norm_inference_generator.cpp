@@ -2,7 +2,8 @@
 // (see NormalizingGenerator).
 //   y = relu((x - running_mean) * (weight / sqrt(running_var + eps)) + bias + residual)
 // One read and one write per element (and a read of the residual when it is
-// added); the per-channel scale is folded once.
+// added); the per-channel scale is folded once. Large outputs are written
+// with streaming stores.
 #include "batch_norm_common.h"
 
 namespace {
@@ -18,6 +19,7 @@ public:
     Input<Buffer<float, 1>> bias{"bias"};
     Input<double> eps{"eps"};
     Input<bool> scale_in_double{"scale_in_double"};  // see normalized()
+    Input<bool> stream_output{"stream_output"};      // see streaming_stores.h
 
     void generate() {
         const DataVars v(layout);
@@ -37,6 +39,9 @@ public:
         }
         eps.set_estimate(1e-5);
         scale_in_double.set_estimate(false);
+        stream_output.set_estimate(false);
+
+        stream_stores_into({output.name()}, stream_output);
 
         // Schedule
         if (auto_schedule ||

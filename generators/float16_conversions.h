@@ -20,7 +20,7 @@ namespace hbn_generators {
 using namespace Halide;
 
 // float16_conversions.ll.in, assembled for each CPU architecture in the data
-// layout of Halide's modules for it (cmake/hbn_float16_bitcode.cmake).
+// layout of Halide's modules for it (cmake/hbn_bitcode.cmake).
 extern const std::vector<uint8_t> float16_conversions_bitcode_x86_64;
 extern const std::vector<uint8_t> float16_conversions_bitcode_arm_64;
 

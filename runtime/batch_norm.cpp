@@ -14,7 +14,6 @@
 #include "halide_call.h"
 #include "kernels.h"
 #include "partition.h"
-#include "streamed_output.h"
 #include "validation.h"
 
 #include <cmath>
@@ -34,7 +33,7 @@ bool scale_in_double(const ChannelFloats &weight, double eps) {
 
 // Normalizes each slice of x into output with per-channel float32 `mean` and
 // `var` (over every channel), and the options' epilogue: the inference
-// kernel, streamed where the slice's output is large.
+// kernel.
 void normalize(Device device, const Tensor &x, const Tensor &output, const std::vector<Slice> &slices,
                const float *mean, const float *var, const ChannelFloats &weight, const ChannelFloats &bias,
                const BatchNormOptions &options, const char *what) {
@@ -52,15 +51,10 @@ void normalize(Device device, const Tensor &x, const Tensor &output, const std::
              {weight_buffer.get()}, {bias_buffer.get()}},
             {{output_buffer.get(), &output}},
             [&](void *context) {
-                if (kernels.streamed_chunk) {
-                    return run_streamed_inference(context, kernels.streamed_chunk, input_buffer.get(),
-                                                  epilogue.residual.get(), epilogue.add_residual, epilogue.relu,
-                                                  mean_buffer.get(), var_buffer.get(), weight_buffer.get(),
-                                                  bias_buffer.get(), eps, in_double, output_buffer.get());
-                }
                 return kernels.inference(context, input_buffer.get(), epilogue.residual.get(), epilogue.add_residual,
                                          epilogue.relu, mean_buffer.get(), var_buffer.get(), weight_buffer.get(),
-                                         bias_buffer.get(), eps, in_double, output_buffer.get());
+                                         bias_buffer.get(), eps, in_double, kernels.stream_output,
+                                         output_buffer.get());
             },
             what);
     }
@@ -121,13 +115,14 @@ void train_in_one_call(const ForwardArguments &args, const BatchNormOptions &opt
     const ForwardEpilogue epilogue(options, slice, input_buffer);
     const Kernels kernels = kernels_for(device, x.dtype, slice);
     // A large output is streamed: the training kernel computes only the
-    // statistics, and the streamed inference pass normalizes with them.
+    // statistics, and the inference kernel normalizes with them, with
+    // streaming stores.
     std::vector<float> mean_f32, var_f32;
     call_pipeline(
         device, {{input_buffer.get(), &x}, epilogue.residual.call_buffer(), {weight_buffer.get()}, {bias_buffer.get()}},
         {{output_buffer.get(), &output}, {mean_buffer.get()}, {var_buffer.get()}, {inv_std_buffer.get()}},
         [&](void *context) {
-            if (!kernels.streamed_chunk) {
+            if (!kernels.stream_output) {
                 return kernels.training(context, input_buffer.get(), epilogue.residual.get(), epilogue.add_residual,
                                         epilogue.relu, weight_buffer.get(), bias_buffer.get(), eps, in_double,
                                         output_buffer.get(), mean_buffer.get(), var_buffer.get(),
@@ -146,10 +141,9 @@ void train_in_one_call(const ForwardArguments &args, const BatchNormOptions &opt
             mean_f32.assign(batch.mean.begin(), batch.mean.end());
             var_f32.assign(batch.var.begin(), batch.var.end());
             HalideBuffer mean_f32_buffer(mean_f32.data(), channels), var_f32_buffer(var_f32.data(), channels);
-            return run_streamed_inference(context, kernels.streamed_chunk, input_buffer.get(),
-                                          epilogue.residual.get(), epilogue.add_residual, epilogue.relu,
-                                          mean_f32_buffer.get(), var_f32_buffer.get(), weight_buffer.get(),
-                                          bias_buffer.get(), eps, in_double, output_buffer.get());
+            return kernels.inference(context, input_buffer.get(), epilogue.residual.get(), epilogue.add_residual,
+                                     epilogue.relu, mean_f32_buffer.get(), var_f32_buffer.get(), weight_buffer.get(),
+                                     bias_buffer.get(), eps, in_double, kernels.stream_output, output_buffer.get());
         },
         "hbn::batch_norm: training pipeline");
     commit(args, options, batch);

@@ -87,7 +87,7 @@ void run_backward_kernel(const BackwardArguments &args, const BatchNormOptions &
         [&](void *context) {
             return kernels.backward(context, x_buffer.get(), dy_buffer.get(), epilogue.forward_output.get(),
                                     epilogue.relu, mean_buffer.get(), inv_std_buffer.get(), weight_buffer.get(),
-                                    training, inputs.in_double, dx, grad_weight_buffer.get(),
+                                    training, inputs.in_double, kernels.stream_output, dx, grad_weight_buffer.get(),
                                     grad_bias_buffer.get(), dr_out);
         },
         "hbn::batch_norm_backward: pipeline");
@@ -124,7 +124,8 @@ void run_grad_input_kernel(const BackwardArguments &args, const BatchNormOptions
         [&](void *context) {
             return kernels.grad_input(context, x_buffer.get(), dy_buffer.get(), epilogue.forward_output.get(),
                                       epilogue.relu, mean_buffer.get(), scale_buffer.get(), mean_dy_buffer.get(),
-                                      slope_buffer.get(), inv_std_buffer.get(), inputs.in_double, dx_buffer.get());
+                                      slope_buffer.get(), inv_std_buffer.get(), inputs.in_double,
+                                      kernels.stream_output, dx_buffer.get());
         },
         "hbn::batch_norm_backward: grad_input pipeline");
 }

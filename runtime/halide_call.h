@@ -14,8 +14,8 @@ namespace hbn::internal {
 [[noreturn]] void fail(ErrorKind kind, const std::string &message);
 
 // The user_context of every call into Halide. Several threads may report
-// into one (the chunks of a streamed call). A live context is registered,
-// so that the error handler recognises hbn's own calls.
+// into one (a parallel kernel's tasks). A live context is registered, so
+// that the error handler recognises hbn's own calls.
 class CallContext {
 public:
     CallContext();

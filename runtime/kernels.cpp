@@ -2,7 +2,6 @@
 
 #include "dtypes.h"
 #include "hbn_kernels.h"
-#include "streamed_output.h"
 
 #include <array>
 
@@ -62,6 +61,10 @@ constexpr auto kernels_by_dtype = [] {
 // thread pool costs more than the work.
 constexpr int64_t serial_threshold = 16 * 1024;
 
+// From this output size on, the CPU writes with streaming stores: an output
+// this large would not stay in cache for its consumer anyway.
+constexpr int64_t streaming_threshold_bytes = int64_t(64) << 20;
+
 }  // namespace
 
 Kernels kernels_for(Device device, DType dtype, const Slice &slice) {
@@ -78,9 +81,9 @@ Kernels kernels_for(Device device, DType dtype, const Slice &slice) {
     }
 #endif
     Kernels kernels = slice.elements() >= serial_threshold ? of_dtype.parallel[nchw] : of_dtype.serial[nchw];
-    if (streams_output(dtype, slice)) {
-        kernels.streamed_chunk = of_dtype.serial[nchw].inference;
-    }
+#ifdef __x86_64__  // only the x86 kernels have streaming stores
+    kernels.stream_output = slice.elements() * halide_type_of(dtype).bytes() >= streaming_threshold_bytes;
+#endif
     return kernels;
 }
 

@@ -16,7 +16,7 @@
 #    the thread ends.
 #  - build/tsan, ThreadSanitizer, CPU backend: the threading and sync tests
 #    under that variant, where calls run concurrently (sync's fake processes
-#    are threads) and hbn's streamed path runs on Halide's thread pool.
+#    are threads) and large outputs stream from Halide's thread pool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh sanitize

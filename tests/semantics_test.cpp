@@ -145,15 +145,14 @@ TEST(SemanticsEpilogue, NaNStaysWhereItIs) {
     }
 }
 
-// Outputs of 64 MiB and more take the CPU's streaming-store path (chunks
-// staged in cache, then stored non-temporally while the next chunk's input is
-// prefetched; training computes its statistics first): plain, and with the
-// fused add + ReLU written in place over its residual (whose chunks the
-// path reads alongside input_x's).
+// Outputs of 64 MiB and more are written with the x86 kernels' streaming
+// stores (training computes its statistics first, then normalizes with the
+// inference kernel): plain, and with the fused add + ReLU written in place
+// over its residual.
 TEST(Semantics, LargeOutputsMatchReference) {
 #ifndef __SSE2__
-    GTEST_SKIP() << "streaming stores are x86's (runtime/streamed_output.cpp): here large outputs take the "
-                    "kernels' own path, which the sliced tests cover";
+    GTEST_SKIP() << "streaming stores are x86's (generators/streaming_stores.h): here large outputs take the "
+                    "kernels' plain stores, which the sliced tests cover";
 #endif
     for (DType dtype : all_dtypes) {
         const int64_t batch = dtype == DType::Float32 ? 16 : 32;  // 67.8 MB in every dtype

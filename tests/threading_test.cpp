@@ -59,9 +59,9 @@ TEST(Threading, ConcurrentCallsOnDistinctDataAreCorrect) {
     }
 }
 
-// Two concurrent calls whose outputs (64 MiB each) take the streamed path,
-// where hbn's own code runs on Halide's thread pool: inference on NCHW, and
-// training on NHWC (statistics first, then the streamed normalization). The
+// Two concurrent calls whose outputs (64 MiB each) are written with streaming
+// stores from Halide's thread pool: inference on NCHW, and training on NHWC
+// (statistics first, then the streamed normalization). The
 // sanitizer jobs run this test rather than the slower LargeOutputs one; the
 // reference is checked on a sample of the elements, with the training
 // statistics from every element, in double.
